@@ -1,0 +1,58 @@
+"""Redis key names, laid out for Redis Cluster.
+
+Every key of one request carries the hash tag of the client that sent it, so a client reads all its reply
+streams with one multi-key XREAD in one slot. The request stream carries the tag of its queue.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "llamaq"
+DEFAULT_QUEUE = "default"
+CONSUMER_GROUP = "workers"
+
+# Ids go inside key names and hash tags: keep them to characters that cannot open or close a tag.
+_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def is_valid_id(value: str) -> bool:
+    """True for a request or client id that is safe inside a key name."""
+    return bool(_ID_PATTERN.match(value))
+
+
+def is_valid_name(value: str) -> bool:
+    """True for a key prefix or queue name that is safe inside a key name."""
+    return bool(_NAME_PATTERN.match(value))
+
+
+@dataclass(frozen=True)
+class Keys:
+    """All key names under one prefix and queue."""
+
+    prefix: str = DEFAULT_PREFIX
+    queue: str = DEFAULT_QUEUE
+
+    def __post_init__(self) -> None:
+        if not is_valid_name(self.prefix) or not is_valid_name(self.queue):
+            raise ValueError(f"invalid key prefix or queue name: {self.prefix!r}, {self.queue!r}")
+
+    @property
+    def requests(self) -> str:
+        """The stream that clients add requests to and workers read as one consumer group."""
+        return f"{self.prefix}:{{q:{self.queue}}}:requests"
+
+    @property
+    def group(self) -> str:
+        """The consumer group every worker of this queue joins."""
+        return CONSUMER_GROUP
+
+    def reply(self, client_id: str, request_id: str) -> str:
+        """The stream a request's events are written to."""
+        return f"{self.prefix}:{{c:{client_id}}}:reply:{request_id}"
+
+    def cancel(self, client_id: str, request_id: str) -> str:
+        """The key whose existence asks the worker to stop a request."""
+        return f"{self.prefix}:{{c:{client_id}}}:cancel:{request_id}"

@@ -1,0 +1,306 @@
+"""The only module that calls llama.cpp: model, context, batch, samplers and sequence memory.
+
+Every method runs on the engine thread; the caller holds `Engine.lock` around each step. The scheduler and KV
+bookkeeping above it never see a llama.cpp object, only sequence ids and token lists.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from collections.abc import Sequence as SequenceOf
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, NewType
+
+import llama_cpp
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from llamaq.protocol import ChatMessage, SamplingParams
+
+log = logging.getLogger("llamaq.engine")
+
+SamplerHandle = NewType("SamplerHandle", int)
+"""An opaque sampler chain owned by one sequence; free it with Engine.free_sampler."""
+
+# Template used when a GGUF file carries none: ChatML, which llama.cpp's server also falls back to.
+_CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class KvType(StrEnum):
+    """Storage type of the KV cache."""
+
+    Q8_0 = "q8_0"
+    F16 = "f16"
+
+    @property
+    def ggml_type(self) -> int:
+        """The ggml type id llama.cpp expects."""
+        return {KvType.Q8_0: llama_cpp.GGML_TYPE_Q8_0, KvType.F16: llama_cpp.GGML_TYPE_F16}[self]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything that shapes the llama.cpp context."""
+
+    model_path: Path
+    n_ctx: int = 16384
+    n_seq_max: int = 8
+    n_batch: int = 512
+    n_threads: int = 2
+    n_gpu_layers: int = 0
+    kv_unified: bool = False
+    kv_type: KvType = KvType.Q8_0
+    flash_attn: bool = True
+
+
+@dataclass(frozen=True)
+class BatchSlice:
+    """Tokens of one sequence placed in one decode; logits are wanted for the last one when `sample` is set."""
+
+    seq_id: int
+    tokens: SequenceOf[int]
+    start_pos: int
+    sample: bool
+
+
+class DecodeError(RuntimeError):
+    """llama_decode refused the batch; `status` is its return code (1: no KV slot)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"llama_decode returned {status}")
+        self.status = status
+
+
+class Engine:
+    """A loaded model with one context that decodes many sequences per step."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.lock = threading.RLock()
+        llama_cpp.llama_backend_init()
+        install_log_handler()
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = config.n_gpu_layers
+        self._model = llama_cpp.llama_model_load_from_file(str(config.model_path).encode(), model_params)
+        if not self._model:
+            raise RuntimeError(f"could not load model {config.model_path}")
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self._ctx = llama_cpp.llama_init_from_model(self._model, self._context_params(config))
+        if not self._ctx:
+            llama_cpp.llama_model_free(self._model)
+            raise RuntimeError("could not create the llama.cpp context (n_ctx too large for memory?)")
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(config.n_batch, 0, 1)
+        self._samplers: dict[SamplerHandle, Any] = {}
+        self._next_sampler = 0
+        self._piece_buffer = ctypes.create_string_buffer(256)
+        self.n_seq_max = llama_cpp.llama_n_seq_max(self._ctx)
+        self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self.window = self.n_ctx // self.n_seq_max if config.kv_unified else llama_cpp.llama_n_ctx_seq(self._ctx)
+        self.model_name = config.model_path.stem
+        self._formatter = self._chat_formatter()
+
+    @staticmethod
+    def _context_params(config: EngineConfig) -> Any:
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = config.n_ctx
+        params.n_batch = config.n_batch
+        params.n_ubatch = config.n_batch
+        params.n_seq_max = config.n_seq_max
+        params.n_threads = config.n_threads
+        params.n_threads_batch = config.n_threads
+        params.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if config.flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        params.type_k = config.kv_type.ggml_type
+        params.type_v = config.kv_type.ggml_type
+        params.kv_unified = config.kv_unified
+        params.no_perf = True
+        return params
+
+    # --- text ---------------------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        """Tokens of text with special tokens parsed and BOS added only where the model asks for it."""
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        tokens = (llama_cpp.llama_token * capacity)()
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, capacity, add_special, True)
+        if n < 0:
+            capacity = -n
+            tokens = (llama_cpp.llama_token * capacity)()
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, capacity, add_special, True)
+        return list(tokens[:n])
+
+    def render_chat(self, messages: SequenceOf[ChatMessage]) -> str:
+        """The prompt text of a chat, rendered with the model's own template; raises ValueError if it refuses."""
+        wire: Any = [{"role": m.role, "content": m.content} for m in messages]
+        response = self._formatter(messages=wire)
+        prompt: str = response.prompt
+        return prompt
+
+    def chat_tokens(self, messages: SequenceOf[ChatMessage]) -> list[int]:
+        """Tokens of a rendered chat; a BOS the template already wrote is not doubled."""
+        tokens = self.tokenize(self.render_chat(messages))
+        bos = llama_cpp.llama_vocab_bos(self._vocab)
+        if len(tokens) >= 2 and tokens[0] == tokens[1] == bos:
+            tokens = tokens[1:]
+        return tokens
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a generated token stands for; control tokens stand for none."""
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buffer, len(self._piece_buffer), 0, False)
+        if n < 0:
+            buffer = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, False)
+            return buffer.raw[:n]
+        return self._piece_buffer.raw[:n]
+
+    def is_end_of_generation(self, token: int) -> bool:
+        """True for EOS, EOT and the other tokens after which the model has nothing more to say."""
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    def _chat_formatter(self) -> Jinja2ChatFormatter:
+        template = llama_cpp.llama_model_chat_template(self._model, None)
+        text = template.decode("utf-8") if template else _CHATML
+        return Jinja2ChatFormatter(
+            template=text,
+            eos_token=self._special_text(llama_cpp.llama_vocab_eos(self._vocab)),
+            bos_token=self._special_text(llama_cpp.llama_vocab_bos(self._vocab)),
+            add_generation_prompt=True,
+        )
+
+    def _special_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        text = llama_cpp.llama_vocab_get_text(self._vocab, token)
+        return text.decode("utf-8", errors="replace") if text else ""
+
+    # --- sampling -----------------------------------------------------------------------------------------
+
+    def new_sampler(self, params: SamplingParams, seed: int) -> SamplerHandle:
+        """A sampler chain for one sequence, in llama-server's order; greedy when temperature is 0."""
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        add = llama_cpp.llama_sampler_chain_add
+        if params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
+            add(
+                chain,
+                llama_cpp.llama_sampler_init_penalties(
+                    self.n_vocab,
+                    params.repeat_last_n,
+                    params.repeat_penalty,
+                    params.frequency_penalty,
+                    params.presence_penalty,
+                ),
+            )
+        if params.greedy:
+            add(chain, llama_cpp.llama_sampler_init_greedy())
+        else:
+            if params.top_k > 0:
+                add(chain, llama_cpp.llama_sampler_init_top_k(params.top_k))
+            add(chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+            add(chain, llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
+            add(chain, llama_cpp.llama_sampler_init_temp(params.temperature))
+            add(chain, llama_cpp.llama_sampler_init_dist(seed))
+        handle = SamplerHandle(self._next_sampler)
+        self._next_sampler += 1
+        self._samplers[handle] = chain
+        return handle
+
+    def free_sampler(self, handle: SamplerHandle) -> None:
+        """Release a sampler chain."""
+        chain = self._samplers.pop(handle, None)
+        if chain is not None:
+            llama_cpp.llama_sampler_free(chain)
+
+    def sample(self, handle: SamplerHandle, batch_index: int) -> int:
+        """Pick the next token from the logits at batch_index of the last decode (the chain records it)."""
+        token: int = llama_cpp.llama_sampler_sample(self._samplers[handle], self._ctx, batch_index)
+        return token
+
+    # --- decoding and memory ------------------------------------------------------------------------------
+
+    def decode(self, slices: SequenceOf[BatchSlice]) -> list[int]:
+        """Decode all slices in one llama_decode; return each sampling slice's batch index, in slice order."""
+        batch = self._batch
+        i = 0
+        sample_indices = []
+        for piece in slices:
+            self._check_seq_id(piece.seq_id)
+            for offset, token in enumerate(piece.tokens):
+                batch.token[i] = token
+                batch.pos[i] = piece.start_pos + offset
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = piece.seq_id
+                batch.logits[i] = 0
+                i += 1
+            if piece.sample:
+                batch.logits[i - 1] = 1
+                sample_indices.append(i - 1)
+        if i > self.config.n_batch:
+            raise ValueError(f"batch of {i} tokens exceeds n_batch {self.config.n_batch}")
+        batch.n_tokens = i
+        status = llama_cpp.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise DecodeError(status)
+        return sample_indices
+
+    def free_sequence(self, seq_id: int) -> None:
+        """Drop every KV cell of a sequence; removing a whole sequence never fails."""
+        self._check_seq_id(seq_id)
+        llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+
+    def sequence_length(self, seq_id: int) -> int:
+        """Number of positions a sequence holds in the KV cache (0 when empty)."""
+        self._check_seq_id(seq_id)
+        return int(llama_cpp.llama_memory_seq_pos_max(self._memory, seq_id)) + 1
+
+    def _check_seq_id(self, seq_id: int) -> None:
+        # With per-sequence streams an id >= n_seq_max aborts the whole process inside llama.cpp.
+        if not 0 <= seq_id < self.n_seq_max:
+            raise ValueError(f"sequence id {seq_id} outside [0, {self.n_seq_max})")
+
+    def close(self) -> None:
+        """Free the batch, samplers, context and model."""
+        for handle in list(self._samplers):
+            self.free_sampler(handle)
+        if self._ctx:
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self._ctx)
+            llama_cpp.llama_model_free(self._model)
+            self._ctx = None
+            self._model = None
+
+
+# ggml_log_level: 1 debug, 2 info, 3 warn, 4 error, 5 continues the previous line (kept at its level).
+_LOG_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+_native_log = logging.getLogger("llamaq.llama_cpp")
+# llama.cpp narrates every load at INFO; operators raise this logger's level to see it.
+_native_log.setLevel(logging.WARNING)
+_log_callback: Any = None
+
+
+def install_log_handler() -> None:
+    """Route llama.cpp's own logging into Python logging (quiet below WARNING by default)."""
+    global _log_callback
+    if _log_callback is not None:
+        return
+
+    last_level = [logging.DEBUG]
+
+    def forward(level: int, text: bytes, _user_data: Any) -> None:
+        py_level = last_level[0] if level == 5 else _LOG_LEVELS.get(level, logging.DEBUG)
+        last_level[0] = py_level
+        if text and _native_log.isEnabledFor(py_level):
+            _native_log.log(py_level, text.decode("utf-8", "replace").rstrip())
+
+    # The ctypes object must outlive every call llama.cpp makes to it: a collected callback segfaults.
+    _log_callback = llama_cpp.llama_log_callback(forward)
+    llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))

@@ -1,0 +1,329 @@
+"""The engine thread: takes commands, runs one batched decode per step, turns sampled tokens into events.
+
+It owns every Sequence and is the only thread that drives the Engine, holding `Engine.lock` for each iteration.
+Commands arrive on a thread-safe inbox; events leave through `emit`, called once per step with all it produced.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from llamaq.protocol import (
+    DoneEvent,
+    ErrorCode,
+    ErrorEvent,
+    Event,
+    FinishReason,
+    ProtocolError,
+    Request,
+    RequestKind,
+    Timings,
+    TokenEvent,
+    Usage,
+)
+
+from .engine import BatchSlice, DecodeError, Engine
+from .kv_cache import KvCache
+from .scheduler import Chunk, Scheduler
+from .sequence import Sequence, Status
+from .text_stream import TextStream
+
+log = logging.getLogger("llamaq.engine_loop")
+
+# How long an idle engine thread sleeps on its inbox before looking at deadlines again.
+_IDLE_WAIT_S = 0.5
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One event for one request; `final` marks the request's last event."""
+
+    request_id: str
+    event: Event
+
+    @property
+    def final(self) -> bool:
+        """True for done and error events."""
+        return not isinstance(self.event, TokenEvent)
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one decode step did."""
+
+    n_sequences: int
+    n_tokens: int
+    decode_s: float
+    step_s: float
+
+
+@dataclass(frozen=True)
+class _Submit:
+    request: Request
+    received_at: float
+
+
+@dataclass(frozen=True)
+class _Cancel:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class _Stop:
+    drain_deadline: float
+    """time.monotonic() after which sequences still running are cancelled."""
+
+
+_Command = _Submit | _Cancel | _Stop
+Emit = Callable[[list[Outgoing], StepStats | None], None]
+
+
+class EngineLoop:
+    """Continuous batching over one Engine, run by `run()` on a dedicated thread."""
+
+    def __init__(self, engine: Engine, token_budget: int, emit: Emit) -> None:
+        self.engine = engine
+        self.kv = KvCache(n_seq_max=engine.n_seq_max, window=engine.window)
+        self.scheduler = Scheduler(self.kv, token_budget)
+        self._emit = emit
+        self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
+        self._by_id: dict[str, Sequence] = {}
+        self._stop: _Stop | None = None
+        self._thread: threading.Thread | None = None
+
+    # --- called from other threads ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run the loop on its own thread."""
+        self._thread = threading.Thread(target=self.run, name="llamaq-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: Request, received_at: float) -> None:
+        """Queue a validated request; its events (or its error) come out through emit."""
+        self._inbox.put(_Submit(request, received_at))
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request at the next step; it ends with a done event, finish_reason cancelled."""
+        self._inbox.put(_Cancel(request_id))
+
+    def stop(self, drain_timeout_s: float) -> None:
+        """Finish what is in flight, cancelling whatever still runs after drain_timeout_s, then end the loop."""
+        self._inbox.put(_Stop(time.monotonic() + drain_timeout_s))
+
+    def join(self, timeout_s: float | None = None) -> bool:
+        """Wait for the loop thread to end; True if it did."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    @property
+    def alive(self) -> bool:
+        """True while the loop thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    # --- the engine thread --------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Loop until stopped: commands, deadlines, one decode step, events."""
+        try:
+            while True:
+                commands = self._take_commands(block=not self.scheduler.has_work)
+                out: list[Outgoing] = []
+                with self.engine.lock:
+                    for command in commands:
+                        self._apply(command, out)
+                    self._expire(out)
+                    done = self._drain_if_stopping(out)
+                    stats = None if done or not self.scheduler.has_work else self._step(out)
+                if out or stats:
+                    self._emit(out, stats)
+                if done:
+                    return
+        except Exception:
+            log.exception("engine loop crashed")
+            out = []
+            for sequence in list(self.scheduler):
+                self._fail(sequence, ProtocolError(ErrorCode.INTERNAL, "the worker's engine failed"), out)
+            self._emit(out, None)
+            raise
+
+    def _take_commands(self, block: bool) -> list[_Command]:
+        commands: list[_Command] = []
+        try:
+            commands.append(self._inbox.get(timeout=_IDLE_WAIT_S) if block else self._inbox.get_nowait())
+            while True:
+                commands.append(self._inbox.get_nowait())
+        except queue.Empty:
+            return commands
+
+    def _drain_if_stopping(self, out: list[Outgoing]) -> bool:
+        """Cancel what outlived the drain deadline; True once a stop was asked for and nothing is left."""
+        if self._stop is None:
+            return False
+        if time.monotonic() >= self._stop.drain_deadline:
+            for sequence in list(self.scheduler):
+                self._finish(sequence, FinishReason.CANCELLED, out)
+        return not self.scheduler.has_work
+
+    def _apply(self, command: _Command, out: list[Outgoing]) -> None:
+        if isinstance(command, _Submit):
+            self._admit_request(command, out)
+        elif isinstance(command, _Cancel):
+            sequence = self._by_id.get(command.request_id)
+            if sequence is not None:
+                self._finish(sequence, FinishReason.CANCELLED, out)
+        else:
+            self._stop = command
+
+    def _admit_request(self, command: _Submit, out: list[Outgoing]) -> None:
+        request = command.request
+        try:
+            tokens = self._prompt_tokens(request)
+            max_tokens = request.params.max_tokens or self.kv.window - len(tokens)
+            if max_tokens < 1 or not self.kv.fits(len(tokens), max_tokens):
+                raise ProtocolError(
+                    ErrorCode.CONTEXT_LENGTH_EXCEEDED,
+                    f"prompt of {len(tokens)} tokens plus max_tokens {max_tokens} exceeds the "
+                    f"{self.kv.window}-token window of a sequence",
+                )
+        except ProtocolError as exc:
+            out.append(Outgoing(request.id, ErrorEvent(n=0, code=exc.code, message=exc.message)))
+            return
+        seed = request.params.seed if request.params.seed is not None else secrets.randbits(32) % (2**32 - 1)
+        sequence = Sequence(
+            request=request,
+            prompt_tokens=tokens,
+            max_tokens=max_tokens,
+            received_at=command.received_at,
+            text=TextStream(request.params.stop),
+        )
+        sequence.sampler = self.engine.new_sampler(request.params, seed)
+        self._by_id[request.id] = sequence
+        self.scheduler.add(sequence)
+
+    def _prompt_tokens(self, request: Request) -> list[int]:
+        if request.kind is RequestKind.CHAT:
+            try:
+                return self.engine.chat_tokens(request.messages)
+            except Exception as exc:
+                raise ProtocolError(ErrorCode.INVALID_REQUEST, f"chat template refused the messages: {exc}") from exc
+        return self.engine.tokenize(request.prompt)
+
+    def _expire(self, out: list[Outgoing]) -> None:
+        now = time.time()
+        for sequence in list(self.scheduler):
+            if sequence.expired(now):
+                self._fail(sequence, ProtocolError(ErrorCode.DEADLINE_EXCEEDED, "the request's deadline passed"), out)
+
+    def _step(self, out: list[Outgoing]) -> StepStats | None:
+        plan = self.scheduler.schedule()
+        if not plan:
+            return None
+        started = time.perf_counter()
+        slices = [
+            BatchSlice(
+                seq_id=chunk.sequence.seq_id,
+                tokens=chunk.tokens,
+                start_pos=chunk.sequence.n_computed,
+                sample=chunk.completes_input,
+            )
+            for chunk in plan
+            if chunk.sequence.seq_id is not None
+        ]
+        try:
+            indices = self.engine.decode(slices)
+        except DecodeError as exc:
+            log.error("decode failed (%s) for %d sequences", exc, len(plan))
+            for chunk in plan:
+                self._fail(chunk.sequence, ProtocolError(ErrorCode.INTERNAL, str(exc)), out)
+            return None
+        decode_s = time.perf_counter() - started
+        sampled = self._sample(plan, indices)
+        for chunk, token in sampled:
+            self._accept(chunk.sequence, token, out)
+        n_tokens = sum(len(c.tokens) for c in plan)
+        return StepStats(len(plan), n_tokens, decode_s, time.perf_counter() - started)
+
+    def _sample(self, plan: list[Chunk], indices: list[int]) -> list[tuple[Chunk, int]]:
+        sampled = []
+        index = iter(indices)
+        for chunk in plan:
+            wants_token = chunk.completes_input
+            chunk.sequence.n_computed += len(chunk.tokens)
+            if wants_token:
+                assert chunk.sequence.sampler is not None
+                sampled.append((chunk, self.engine.sample(chunk.sequence.sampler, next(index))))
+        return sampled
+
+    def _accept(self, sequence: Sequence, token: int, out: list[Outgoing]) -> None:
+        sequence.mark_first_token()
+        if self.engine.is_end_of_generation(token):
+            self._finish(sequence, FinishReason.STOP, out)
+            return
+        sequence.generated.append(token)
+        text = sequence.text.push(self.engine.token_bytes(token))
+        out.append(Outgoing(sequence.id, TokenEvent(n=sequence.take_event_number(), text=text, tokens=(token,))))
+        if sequence.text.stopped:
+            self._finish(sequence, FinishReason.STOP, out)
+        elif len(sequence.generated) >= sequence.max_tokens:
+            self._finish(sequence, FinishReason.LENGTH, out)
+
+    def _finish(self, sequence: Sequence, reason: FinishReason, out: list[Outgoing]) -> None:
+        tail = sequence.text.finish()
+        if tail:
+            out.append(Outgoing(sequence.id, TokenEvent(n=sequence.take_event_number(), text=tail, tokens=())))
+        self._release(sequence)
+        out.append(Outgoing(sequence.id, self._done_event(sequence, reason)))
+
+    def _fail(self, sequence: Sequence, error: ProtocolError, out: list[Outgoing]) -> None:
+        self._release(sequence)
+        out.append(
+            Outgoing(sequence.id, ErrorEvent(n=sequence.take_event_number(), code=error.code, message=error.message))
+        )
+
+    def _release(self, sequence: Sequence) -> None:
+        if sequence.status is Status.RUNNING and sequence.seq_id is not None:
+            self.engine.free_sequence(sequence.seq_id)
+        if sequence.sampler is not None:
+            self.engine.free_sampler(sequence.sampler)
+            sequence.sampler = None
+        self.scheduler.release(sequence)
+        self._by_id.pop(sequence.id, None)
+
+    def _done_event(self, sequence: Sequence, reason: FinishReason) -> DoneEvent:
+        now = time.monotonic()
+        admitted = sequence.admitted_at or now
+        first = sequence.first_token_at or now
+        return DoneEvent(
+            n=sequence.take_event_number(),
+            finish_reason=reason,
+            usage=Usage(prompt_tokens=len(sequence.prompt_tokens), completion_tokens=len(sequence.generated)),
+            timings=Timings(
+                queue_ms=_ms(admitted - sequence.received_at),
+                prefill_ms=_ms(first - admitted),
+                decode_ms=_ms(now - first),
+                ttft_ms=_ms(first - sequence.received_at),
+                total_ms=_ms(now - sequence.received_at),
+            ),
+        )
+
+
+def cancelled_before_start() -> DoneEvent:
+    """The only event of a request cancelled before the worker started it."""
+    return DoneEvent(
+        n=0,
+        finish_reason=FinishReason.CANCELLED,
+        usage=Usage(prompt_tokens=0, completion_tokens=0),
+        timings=Timings(queue_ms=0.0, prefill_ms=0.0, decode_ms=0.0, ttft_ms=0.0, total_ms=0.0),
+    )
+
+
+def _ms(seconds: float) -> float:
+    return round(max(seconds, 0.0) * 1000.0, 3)

@@ -1,0 +1,55 @@
+"""Requests this worker has taken from the stream and not yet answered with a final event."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+
+@dataclass
+class Ticket:
+    """Where a request came from and where its events go."""
+
+    request_id: str
+    entry_id: bytes
+    """Id of the request's entry in the request stream, acked after the final event is written."""
+    reply_key: str
+    cancel_key: str
+    cancel_sent: bool = False
+
+
+class InFlight:
+    """Tickets by request id; the intake adds them, the publisher removes them after the final event."""
+
+    def __init__(self) -> None:
+        self._tickets: dict[str, Ticket] = {}
+        self._changed = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._tickets)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._tickets
+
+    def __iter__(self) -> Iterator[Ticket]:
+        return iter(list(self._tickets.values()))
+
+    def get(self, request_id: str) -> Ticket | None:
+        """The ticket of a request in flight."""
+        return self._tickets.get(request_id)
+
+    def add(self, ticket: Ticket) -> None:
+        """Track a request taken from the stream."""
+        self._tickets[ticket.request_id] = ticket
+
+    def remove(self, request_id: str) -> None:
+        """Forget a request whose final event is written and acked."""
+        if self._tickets.pop(request_id, None) is not None:
+            self._changed.set()
+
+    async def wait_below(self, limit: int) -> None:
+        """Wait until fewer than `limit` requests are in flight."""
+        while len(self._tickets) >= limit:
+            self._changed.clear()
+            await self._changed.wait()

@@ -1,0 +1,126 @@
+"""Redis to engine: read requests from the consumer group, validate them, hand them to the engine loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from llamaq.protocol import (
+    REQUEST_FIELD,
+    ErrorCode,
+    Keys,
+    Limits,
+    ProtocolError,
+    decode_request,
+    identify_request,
+)
+
+from .engine_loop import EngineLoop, cancelled_before_start
+from .in_flight import InFlight, Ticket
+from .publisher import Publisher
+
+log = logging.getLogger("llamaq.intake")
+
+_BLOCK_MS = 1000
+"""How long one XREADGROUP waits; it bounds how long a stop takes to be noticed."""
+
+
+class Intake:
+    """Pulls only as many requests as the worker has room for, so idle workers get the rest."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        consumer: str,
+        limits: Limits,
+        max_in_flight: int,
+        in_flight: InFlight,
+        engine_loop: EngineLoop,
+        publisher: Publisher,
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._consumer = consumer
+        self._limits = limits
+        self._max_in_flight = max_in_flight
+        self._in_flight = in_flight
+        self._engine_loop = engine_loop
+        self._publisher = publisher
+        self._stopping = False
+
+    async def join_group(self) -> None:
+        """Create the consumer group (and stream) unless it exists; from id 0 so early requests are served."""
+        try:
+            await self._redis.xgroup_create(self._keys.requests, self._keys.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def stop(self) -> None:
+        """Stop pulling; run() returns after its current read."""
+        self._stopping = True
+
+    async def run(self) -> None:
+        """Read and dispatch requests until stop()."""
+        delay = 0.1
+        while not self._stopping:
+            await self._in_flight.wait_below(self._max_in_flight)
+            room = self._max_in_flight - len(self._in_flight)
+            try:
+                response: Any = await self._redis.xreadgroup(
+                    self._keys.group, self._consumer, {self._keys.requests: ">"}, count=room, block=_BLOCK_MS
+                )
+                delay = 0.1
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                log.warning("reading requests failed (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # The stream was deleted under us (FLUSHALL, an operator): join again.
+                await self.join_group()
+                continue
+            for _stream, entries in response or []:
+                for entry_id, fields in entries:
+                    await self._accept(entry_id, fields)
+
+    async def _accept(self, entry_id: bytes, fields: dict[bytes, bytes] | None) -> None:
+        received_at = time.monotonic()
+        data = (fields or {}).get(REQUEST_FIELD)
+        if data is None:
+            log.warning("entry %r has no %r field; acked and dropped", entry_id, REQUEST_FIELD)
+            await self._publisher.reject(entry_id, None, ProtocolError(ErrorCode.INVALID_REQUEST, "no request"))
+            return
+        try:
+            request = decode_request(data, self._keys, self._limits)
+        except ProtocolError as exc:
+            reply_key = identify_request(data, self._keys)
+            log.info("entry %r refused: %s", entry_id, exc.message)
+            await self._publisher.reject(entry_id, reply_key, exc)
+            return
+        reply_key = self._keys.reply(request.client_id, request.id)
+        if request.id in self._in_flight:
+            # Answering would interleave with the live request's events on the same reply stream.
+            log.warning("duplicate request id %s in flight; entry %r dropped", request.id, entry_id)
+            await self._publisher.reject(entry_id, None, ProtocolError(ErrorCode.INVALID_REQUEST, "duplicate"))
+            return
+        cancel_key = self._keys.cancel(request.client_id, request.id)
+        if request.deadline is not None and time.time() >= request.deadline:
+            error = ProtocolError(ErrorCode.DEADLINE_EXCEEDED, "the deadline passed while the request was queued")
+            await self._publisher.reject(entry_id, reply_key, error)
+            return
+        if await self._redis.exists(cancel_key):
+            await self._publisher.answer(entry_id, reply_key, cancelled_before_start())
+            return
+        self._in_flight.add(Ticket(request.id, entry_id, reply_key, cancel_key))
+        self._engine_loop.submit(request, received_at)

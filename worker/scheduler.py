@@ -1,0 +1,90 @@
+"""Scheduling policy: which sequences run, and how many tokens each feeds in the next decode step.
+
+Pure logic over Sequence objects; the engine loop carries out the plan. Like vLLM's V1 scheduler there are no
+separate prefill and decode phases: each step hands out one token budget, decodes first (one token for every
+running sequence, so streams never stall), then chunks of pending prompts in admission order.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .kv_cache import KvCache
+from .sequence import Sequence, Status
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Tokens of one sequence to feed in this step."""
+
+    sequence: Sequence
+    tokens: list[int]
+
+    @property
+    def completes_input(self) -> bool:
+        """True when this chunk reaches the end of the sequence's tokens, so its logits are sampled."""
+        return self.sequence.n_computed + len(self.tokens) == self.sequence.n_tokens
+
+
+class Scheduler:
+    """Waiting and running queues over one KV cache."""
+
+    def __init__(self, kv: KvCache, token_budget: int) -> None:
+        if token_budget < kv.n_seq_max:
+            raise ValueError(f"a step budget of {token_budget} tokens cannot decode {kv.n_seq_max} sequences")
+        self.kv = kv
+        self.token_budget = token_budget
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    @property
+    def has_work(self) -> bool:
+        """True while any sequence waits or runs."""
+        return bool(self.waiting or self.running)
+
+    def __iter__(self) -> Iterator[Sequence]:
+        yield from self.running
+        yield from self.waiting
+
+    def add(self, sequence: Sequence) -> None:
+        """Queue a sequence behind those already waiting."""
+        sequence.status = Status.WAITING
+        self.waiting.append(sequence)
+
+    def schedule(self) -> list[Chunk]:
+        """Admit what fits, then plan the next step: decodes first, then prefill chunks in admission order."""
+        self._admit()
+        budget = self.token_budget
+        decodes = [s for s in self.running if not s.prefilling]
+        plan = [Chunk(s, s.pending_tokens(1)) for s in decodes]
+        budget -= len(plan)
+        for sequence in self.running:
+            if budget <= 0:
+                break
+            if sequence.prefilling:
+                tokens = sequence.pending_tokens(budget)
+                plan.append(Chunk(sequence, tokens))
+                budget -= len(tokens)
+        return plan
+
+    def release(self, sequence: Sequence) -> None:
+        """Take a finished sequence out of the queues and return its id to the pool (cells already cleared)."""
+        if sequence.status is Status.RUNNING:
+            self.running.remove(sequence)
+            assert sequence.seq_id is not None
+            self.kv.free(sequence.seq_id)
+            sequence.seq_id = None
+        elif sequence.status is Status.WAITING:
+            self.waiting.remove(sequence)
+        sequence.status = Status.FINISHED
+
+    def _admit(self) -> None:
+        while self.waiting and self.kv.n_free:
+            sequence = self.waiting.popleft()
+            sequence.seq_id = self.kv.allocate()
+            sequence.status = Status.RUNNING
+            sequence.admitted_at = time.monotonic()
+            self.running.append(sequence)

@@ -1,0 +1,86 @@
+"""One request's life inside the worker: its tokens, how many are in the KV cache, its output so far."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum, auto
+
+from llamaq.protocol import Request
+
+from .engine import SamplerHandle
+from .text_stream import TextStream
+
+
+class Status(Enum):
+    """Where a sequence is in its life."""
+
+    WAITING = auto()
+    """Tokenized and queued; holds no sequence id yet."""
+    RUNNING = auto()
+    """Holds a sequence id; prefilling its prompt or decoding."""
+    FINISHED = auto()
+
+
+@dataclass
+class Sequence:
+    """A request being served: prompt plus generated tokens, of which `n_computed` are in the KV cache."""
+
+    request: Request
+    prompt_tokens: list[int]
+    max_tokens: int
+    received_at: float
+    """time.monotonic() when the worker read the request from Redis."""
+    generated: list[int] = field(default_factory=list)
+    n_computed: int = 0
+    seq_id: int | None = None
+    sampler: SamplerHandle | None = None
+    status: Status = Status.WAITING
+    text: TextStream = field(default_factory=TextStream)
+    next_event: int = 0
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+
+    @property
+    def id(self) -> str:
+        """The request id."""
+        return self.request.id
+
+    @property
+    def n_tokens(self) -> int:
+        """Prompt plus generated tokens."""
+        return len(self.prompt_tokens) + len(self.generated)
+
+    @property
+    def n_pending(self) -> int:
+        """Tokens not yet in the KV cache: the rest of the prompt, or the last sampled token."""
+        return self.n_tokens - self.n_computed
+
+    @property
+    def prefilling(self) -> bool:
+        """True while prompt tokens remain to be computed."""
+        return self.n_computed < len(self.prompt_tokens)
+
+    def pending_tokens(self, limit: int) -> list[int]:
+        """Up to `limit` of the next tokens to feed to the model."""
+        start = self.n_computed
+        end = min(self.n_tokens, start + limit)
+        prompt_len = len(self.prompt_tokens)
+        if end <= prompt_len:
+            return self.prompt_tokens[start:end]
+        return (self.prompt_tokens[start:] + self.generated[max(0, start - prompt_len) :])[: end - start]
+
+    def take_event_number(self) -> int:
+        """The number of the next event of this request; events are numbered 0, 1, 2... in order."""
+        n = self.next_event
+        self.next_event += 1
+        return n
+
+    def expired(self, now_unix: float) -> bool:
+        """True once the request's deadline has passed."""
+        return self.request.deadline is not None and now_unix >= self.request.deadline
+
+    def mark_first_token(self) -> None:
+        """Record when the first token was sampled (time to first token)."""
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()

@@ -1,0 +1,137 @@
+"""Wiring and lifecycle of one worker: Redis, engine thread, intake, publisher, signals, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from typing import TextIO
+
+import redis.asyncio as aioredis
+
+from .embedded_valkey import EmbeddedValkey
+from .engine import Engine
+from .engine_loop import EngineLoop
+from .in_flight import InFlight
+from .intake import Intake
+from .model_files import default_model_path
+from .publisher import Publisher
+from .settings import WorkerSettings
+
+log = logging.getLogger("llamaq.worker")
+
+READY_LINE = "llamaq worker ready"
+"""Printed once the worker reads requests; scripts wait for it."""
+
+
+class Worker:
+    """One worker process's parts, started by run() and stopped by request_stop()."""
+
+    def __init__(self, settings: WorkerSettings, out: TextIO = sys.stdout) -> None:
+        self.settings = settings
+        self._out = out
+        self._stop_requests = 0
+        self._stop_event: asyncio.Event | None = None
+        self.engine_loop: EngineLoop | None = None
+
+    def request_stop(self) -> None:
+        """Begin a graceful shutdown; a second call cancels what is still running."""
+        self._stop_requests += 1
+        if self._stop_event is not None:
+            self._stop_event.set()
+        if self._stop_requests > 1 and self.engine_loop is not None:
+            self.engine_loop.stop(drain_timeout_s=0.0)
+
+    async def run(self, on_ready: Callable[[], None] | None = None) -> int:
+        """Serve until request_stop(); return the process exit code."""
+        self._stop_event = asyncio.Event()
+        with contextlib.ExitStack() as stack:
+            url = self.settings.redis_url
+            if url is None:
+                url = stack.enter_context(EmbeddedValkey()).url
+                self._say(f"started embedded Valkey at {url}")
+            model_path = self.settings.model_path or default_model_path()
+            engine = await asyncio.to_thread(Engine, self.settings.engine_config(model_path))
+            stack.callback(engine.close)
+            return await self._serve(url, engine, on_ready)
+
+    async def _serve(self, url: str, engine: Engine, on_ready: Callable[[], None] | None) -> int:
+        settings = self.settings
+        redis = aioredis.Redis.from_url(url, health_check_interval=30)
+        in_flight = InFlight()
+        publisher = Publisher(redis, settings.keys, in_flight, settings.reply_ttl_s)
+        engine_loop = EngineLoop(engine, settings.n_batch, publisher.emit_threadsafe)
+        publisher.engine_loop = engine_loop
+        self.engine_loop = engine_loop
+        intake = Intake(
+            redis,
+            settings.keys,
+            settings.consumer,
+            settings.limits,
+            settings.max_in_flight,
+            in_flight,
+            engine_loop,
+            publisher,
+        )
+        try:
+            await intake.join_group()
+            engine_loop.start()
+            publishing = asyncio.create_task(publisher.run(), name="publisher")
+            reading = asyncio.create_task(intake.run(), name="intake")
+            self._announce(url, engine)
+            if on_ready is not None:
+                on_ready()
+            crashed = await self._wait_for_stop(engine_loop, reading)
+            intake.stop()
+            await reading
+            engine_loop.stop(settings.drain_timeout_s if self._stop_requests < 2 else 0.0)
+            await asyncio.to_thread(engine_loop.join)
+            publisher.close_threadsafe()
+            await publishing
+            self._say("llamaq worker stopped")
+            return 1 if crashed else 0
+        finally:
+            await redis.aclose()
+
+    async def _wait_for_stop(self, engine_loop: EngineLoop, reading: asyncio.Task[None]) -> bool:
+        """Wait for a stop request; True if the engine thread or the intake died instead."""
+        assert self._stop_event is not None
+        while not self._stop_event.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_event.wait(), timeout=1.0)
+            if not engine_loop.alive or reading.done():
+                log.error("the engine thread or the intake stopped unexpectedly; shutting down")
+                if reading.done() and reading.exception() is not None:
+                    log.error("intake failed", exc_info=reading.exception())
+                return True
+        return False
+
+    def _announce(self, url: str, engine: Engine) -> None:
+        s = self.settings
+        layout = "unified" if s.kv_unified else "per-sequence streams (batch-invariant)"
+        self._say(
+            f"model {engine.model_name}, n_ctx {engine.n_ctx}, parallel {engine.n_seq_max}, "
+            f"window {engine.window} tokens per sequence, KV {s.kv_type.value} {layout}, "
+            f"threads {s.threads}, step budget {s.n_batch} tokens"
+        )
+        self._say(f"consumer {s.consumer} on {s.keys.requests} at {url}")
+        self._say(READY_LINE)
+
+    def _say(self, line: str) -> None:
+        print(line, file=self._out, flush=True)
+
+
+def run_worker(settings: WorkerSettings) -> int:
+    """Run a worker in the foreground until SIGINT or SIGTERM; return its exit code."""
+    worker = Worker(settings)
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, worker.request_stop)
+        return await worker.run()
+
+    return asyncio.run(main())

