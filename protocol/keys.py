@@ -56,3 +56,7 @@ class Keys:
     def cancel(self, client_id: str, request_id: str) -> str:
         """The key whose existence asks the worker to stop a request."""
         return f"{self.prefix}:{{c:{client_id}}}:cancel:{request_id}"
+
+    def wake(self, client_id: str) -> str:
+        """A client's own stream, written to wake its blocked XREAD when it starts a new request."""
+        return f"{self.prefix}:{{c:{client_id}}}:wake"

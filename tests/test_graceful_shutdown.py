@@ -1,0 +1,48 @@
+"""SIGTERM with requests in flight: each gets a final event, finished ones are acked, the worker exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import pytest
+import redis.asyncio as aioredis
+
+from llamaq.client import Client
+from llamaq.protocol import DoneEvent, FinishReason, Keys
+
+from .conftest import worker_process
+from .prompts import SHORT_PROMPTS
+
+pytestmark = pytest.mark.slow
+
+
+async def test_sigterm_finishes_in_flight_requests_and_exits_zero(
+    redis_url: str, prefix: str, redis: aioredis.Redis
+) -> None:
+    with worker_process(redis_url, prefix, "--drain-timeout", "60") as worker:
+        async with Client.from_url(redis_url, prefix=prefix) as client:
+            handles = [await client.submit(prompt=p, max_tokens=30, temperature=0) for p in SHORT_PROMPTS[:6]]
+            first = await anext(aiter(handles[0]))
+            assert first.n == 0  # generation is under way when the signal lands
+            worker.send_signal(signal.SIGTERM)
+            finals = [[event async for event in handle][-1] for handle in handles[1:]]
+        code = await asyncio.to_thread(worker.wait, 120)
+    assert code == 0
+    assert all(isinstance(f, DoneEvent) and f.finish_reason is not FinishReason.CANCELLED for f in finals)
+    keys = Keys(prefix=prefix)
+    assert (await redis.xpending(keys.requests, keys.group))["pending"] == 0
+
+
+async def test_drain_timeout_cancels_what_is_left(redis_url: str, prefix: str, redis: aioredis.Redis) -> None:
+    with worker_process(redis_url, prefix, "--drain-timeout", "0.5") as worker:
+        async with Client.from_url(redis_url, prefix=prefix) as client:
+            handle = await client.submit(prompt="Count to 900: 1, 2, 3,", max_tokens=900, temperature=0)
+            await anext(aiter(handle))
+            worker.send_signal(signal.SIGTERM)
+            events = [event async for event in handle]
+        code = await asyncio.to_thread(worker.wait, 120)
+    assert code == 0
+    assert isinstance(events[-1], DoneEvent) and events[-1].finish_reason is FinishReason.CANCELLED
+    keys = Keys(prefix=prefix)
+    assert (await redis.xpending(keys.requests, keys.group))["pending"] == 0

@@ -1,0 +1,153 @@
+"""The wire format: requests and events survive a round trip, and every malformed entry is invalid_request."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import pytest
+
+from llamaq.protocol import (
+    ChatMessage,
+    DoneEvent,
+    ErrorCode,
+    ErrorEvent,
+    FinishReason,
+    Keys,
+    Limits,
+    ProtocolError,
+    Request,
+    RequestKind,
+    SamplingParams,
+    Timings,
+    TokenEvent,
+    Usage,
+    decode_event,
+    decode_request,
+    encode_event,
+    encode_request,
+    identify_request,
+)
+
+KEYS = Keys()
+LIMITS = Limits()
+REQUEST_ID = "a" * 32
+CLIENT_ID = "c" * 16
+
+
+def chat_request(**overrides: Any) -> Request:
+    base = Request(
+        id=REQUEST_ID,
+        client_id=CLIENT_ID,
+        kind=RequestKind.CHAT,
+        messages=(ChatMessage("user", "hi"),),
+        params=SamplingParams(max_tokens=5, temperature=0.0, stop=("\n",), seed=7),
+        deadline=2_000_000_000.0,
+        created=1_700_000_000.0,
+    )
+    return Request(**{**base.__dict__, **overrides})
+
+
+def wire(**changes: Any) -> bytes:
+    body = msgpack.unpackb(encode_request(chat_request(), KEYS), raw=False)
+    for key, value in changes.items():
+        if value is ...:
+            body.pop(key, None)
+        else:
+            body[key] = value
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def test_request_round_trip() -> None:
+    request = chat_request()
+    assert decode_request(encode_request(request, KEYS), KEYS, LIMITS) == request
+
+
+def test_completion_round_trip() -> None:
+    request = chat_request(kind=RequestKind.COMPLETION, messages=(), prompt="Once upon a time")
+    assert decode_request(encode_request(request, KEYS), KEYS, LIMITS) == request
+
+
+def test_unset_params_take_llama_server_defaults() -> None:
+    decoded = decode_request(wire(params={}), KEYS, LIMITS)
+    assert decoded.params == SamplingParams()
+    assert (decoded.params.temperature, decoded.params.top_k, decoded.params.top_p) == (0.8, 40, 0.95)
+    assert decoded.params.min_p == 0.05 and decoded.params.max_tokens is None
+
+
+def test_keys_share_the_client_hash_tag() -> None:
+    reply, cancel = KEYS.reply(CLIENT_ID, REQUEST_ID), KEYS.cancel(CLIENT_ID, REQUEST_ID)
+    tag = f"{{c:{CLIENT_ID}}}"
+    assert tag in reply and tag in cancel
+    assert KEYS.requests == "llamaq:{q:default}:requests"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"\xc1not msgpack", id="not-msgpack"),
+        pytest.param(msgpack.packb([1, 2, 3]), id="not-a-map"),
+        pytest.param(msgpack.packb({1: 2}), id="non-string-keys"),
+        pytest.param(wire(v=2), id="wrong-version"),
+        pytest.param(wire(v=...), id="missing-version"),
+        pytest.param(wire(id=...), id="missing-id"),
+        pytest.param(wire(id="short"), id="short-id"),
+        pytest.param(wire(id="x" * 30 + "}{"), id="id-with-braces"),
+        pytest.param(wire(client=5), id="mistyped-client"),
+        pytest.param(wire(reply="llamaq:{c:other}:reply:x"), id="forged-reply-key"),
+        pytest.param(wire(kind="embedding"), id="unknown-kind"),
+        pytest.param(wire(messages=[]), id="no-messages"),
+        pytest.param(wire(messages="hi"), id="messages-not-list"),
+        pytest.param(wire(messages=[{"role": "user"}]), id="message-without-content"),
+        pytest.param(wire(messages=[{"role": "user", "content": 3}]), id="mistyped-content"),
+        pytest.param(wire(messages=[{"role": "user", "content": "a\x00b"}]), id="nul-in-content"),
+        pytest.param(wire(prompt="also"), id="chat-with-prompt"),
+        pytest.param(wire(params={"temperature": -1}), id="negative-temperature"),
+        pytest.param(wire(params={"temperature": float("nan")}), id="nan-temperature"),
+        pytest.param(wire(params={"top_p": 1.5}), id="top-p-above-one"),
+        pytest.param(wire(params={"max_tokens": 0}), id="zero-max-tokens"),
+        pytest.param(wire(params={"max_tokens": 10**9}), id="absurd-max-tokens"),
+        pytest.param(wire(params={"max_tokens": True}), id="bool-max-tokens"),
+        pytest.param(wire(params={"seed": -1}), id="negative-seed"),
+        pytest.param(wire(params={"stop": [""]}), id="empty-stop"),
+        pytest.param(wire(params={"stop": ["x"] * 9}), id="too-many-stops"),
+        pytest.param(wire(params={"mirostat": 2}), id="unknown-param"),
+        pytest.param(wire(params=[1]), id="params-not-map"),
+        pytest.param(wire(deadline="soon"), id="mistyped-deadline"),
+        pytest.param(wire(extra=1), id="unknown-field"),
+        pytest.param(wire(messages=[{"role": "user", "content": "x" * 400_001}]), id="huge-content"),
+        pytest.param(b"\x91" * 100_000, id="deep-nesting"),
+    ],
+)
+def test_malformed_request_is_invalid_request(data: bytes) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        decode_request(data, KEYS, LIMITS)
+    assert caught.value.code is ErrorCode.INVALID_REQUEST
+
+
+def test_oversized_entry_is_refused_before_parsing() -> None:
+    with pytest.raises(ProtocolError, match="exceeds the limit"):
+        decode_request(b"\x00" * (LIMITS.max_entry_bytes + 1), KEYS, LIMITS)
+
+
+def test_invalid_entry_with_valid_ids_can_still_be_answered() -> None:
+    assert identify_request(wire(v=9), KEYS) == KEYS.reply(CLIENT_ID, REQUEST_ID)
+    assert identify_request(b"garbage", KEYS) is None
+    assert identify_request(wire(client="{evil}"), KEYS) is None
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        TokenEvent(n=0, text="héllo", tokens=(1, 2)),
+        DoneEvent(
+            n=3,
+            finish_reason=FinishReason.LENGTH,
+            usage=Usage(prompt_tokens=5, completion_tokens=2, cached_tokens=0),
+            timings=Timings(queue_ms=1.0, prefill_ms=2.0, decode_ms=3.0, ttft_ms=3.0, total_ms=6.0),
+        ),
+        ErrorEvent(n=1, code=ErrorCode.CONTEXT_LENGTH_EXCEEDED, message="too long"),
+    ],
+)
+def test_event_round_trip(event: TokenEvent | DoneEvent | ErrorEvent) -> None:
+    assert decode_event(encode_event(event)) == event
