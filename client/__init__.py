@@ -1,14 +1,9 @@
 """llamaq client: submit generation requests to a queue and stream back their events."""
 
-from .client import (
-    Client,
-    Completion,
-    MessageLike,
-    RequestFailed,
-    RequestHandle,
-    RequestOptions,
-    SamplingKwargs,
-)
+from .client import Client
+from .errors import RequestFailed
+from .options import MessageLike, RequestOptions, SamplingKwargs
+from .request_handle import Completion, RequestHandle
 from .sync_client import SyncClient
 
 __all__ = [

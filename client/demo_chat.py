@@ -14,7 +14,8 @@ from redis.exceptions import RedisError
 
 from llamaq.protocol import ChatMessage, DoneEvent, TokenEvent
 
-from .client import Client, RequestFailed
+from .client import Client
+from .errors import RequestFailed
 
 SYSTEM_PROMPT = "You are a friendly assistant. Answer in at most three short sentences."
 TOPICS: tuple[tuple[str, tuple[str, ...]], ...] = (

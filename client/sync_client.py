@@ -11,7 +11,9 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from llamaq.protocol import DEFAULT_PREFIX, DEFAULT_QUEUE, DoneEvent, TokenEvent
 
-from .client import Client, Completion, MessageLike, RequestOptions, resolve_url
+from .client import Client
+from .options import MessageLike, RequestOptions, resolve_url
+from .request_handle import Completion
 
 
 class SyncClient:

@@ -14,7 +14,9 @@ from redis.exceptions import RedisError
 
 from llamaq.protocol import ChatMessage, DoneEvent, ErrorCode, TokenEvent
 
-from .client import Client, RequestFailed, sampling_params
+from .client import Client
+from .errors import RequestFailed
+from .options import sampling_params
 
 EXIT_OK = 0
 EXIT_FAILED = 1
