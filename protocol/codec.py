@@ -98,8 +98,10 @@ def decode_request(data: bytes, keys: Keys, limits: Limits) -> Request:
     )
 
 
-def identify_request(data: bytes, keys: Keys) -> str | None:
+def identify_request(data: bytes, keys: Keys, limits: Limits) -> str | None:
     """Best-effort reply key of an entry that failed validation, so its sender still gets an error event."""
+    if len(data) > limits.max_entry_bytes:
+        return None
     try:
         body = msgpack.unpackb(data, raw=False)
     except Exception:  # noqa: BLE001 - anything unparseable simply has no identity

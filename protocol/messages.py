@@ -70,6 +70,11 @@ class Request:
     created: float = 0.0
     """Unix time in seconds at which the client sent the request."""
 
+    @property
+    def key(self) -> str:
+        """This request's identity inside a worker: clients choose ids, so only client and id together are unique."""
+        return f"{self.client_id}/{self.id}"
+
 
 @dataclass(frozen=True)
 class Usage:
@@ -93,7 +98,10 @@ class Timings:
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """Text produced by one or more tokens; text may be empty while a stop string or UTF-8 sequence is pending."""
+    """Text of the tokens sampled in one step; text may be empty while a stop string or UTF-8 sequence is pending.
+
+    The last token event of a request may carry no tokens: it releases text held back until the end.
+    """
 
     n: int
     text: str

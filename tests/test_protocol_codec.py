@@ -131,9 +131,9 @@ def test_oversized_entry_is_refused_before_parsing() -> None:
 
 
 def test_invalid_entry_with_valid_ids_can_still_be_answered() -> None:
-    assert identify_request(wire(v=9), KEYS) == KEYS.reply(CLIENT_ID, REQUEST_ID)
-    assert identify_request(b"garbage", KEYS) is None
-    assert identify_request(wire(client="{evil}"), KEYS) is None
+    assert identify_request(wire(v=9), KEYS, LIMITS) == KEYS.reply(CLIENT_ID, REQUEST_ID)
+    assert identify_request(b"garbage", KEYS, LIMITS) is None
+    assert identify_request(wire(client="{evil}"), KEYS, LIMITS) is None
 
 
 @pytest.mark.parametrize(

@@ -16,10 +16,15 @@ from llamaq.protocol import (
     DoneEvent,
     ErrorCode,
     ErrorEvent,
+    Event,
     FinishReason,
     Keys,
+    Request,
+    RequestKind,
+    SamplingParams,
     TokenEvent,
     decode_event,
+    encode_request,
 )
 from llamaq.protocol.codec import EVENT_FIELD
 from llamaq.worker.service import Worker
@@ -198,3 +203,36 @@ async def test_malformed_entries_get_errors_and_others_are_still_served(
     pending = await redis.xpending(keys.requests, keys.group)
     assert pending["pending"] == 0, "every entry, malformed or not, is acked"
     assert await redis.xlen(keys.requests) == 0
+
+
+async def test_two_clients_may_use_the_same_request_id(redis: aioredis.Redis, prefix: str, worker: Worker) -> None:
+    """Ids are chosen by clients, so only (client, id) identifies a request; both must be served."""
+    keys = Keys(prefix=prefix)
+    shared_id = "sameid0000000000"
+    clients = ["clientone0000000", "clienttwo0000000"]
+    for client_id in clients:
+        request = Request(
+            id=shared_id,
+            client_id=client_id,
+            kind=RequestKind.COMPLETION,
+            prompt="The capital of France is",
+            params=SamplingParams(max_tokens=4, temperature=0),
+        )
+        await redis.xadd(keys.requests, {REQUEST_FIELD: encode_request(request, keys)})
+    for client_id in clients:
+        events = await read_until_final(redis, keys.reply(client_id, shared_id), timeout_s=60)
+        assert isinstance(events[-1], DoneEvent), (client_id, events[-1])
+        assert events[-1].usage.completion_tokens == 4
+
+
+async def read_until_final(redis: aioredis.Redis, reply: str, timeout_s: float) -> list[Event]:
+    """Every event on a reply stream up to its final one; fails the test if none comes in time."""
+    events: list[Event] = []
+    last: bytes | str = "0"
+    with anyio.fail_after(timeout_s):
+        while not events or isinstance(events[-1], TokenEvent):
+            for _key, entries in await redis.xread({reply: last}, block=1000) or []:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    events.append(decode_event(fields[EVENT_FIELD]))
+    return events

@@ -42,9 +42,9 @@ _IDLE_WAIT_S = 0.5
 
 @dataclass(frozen=True)
 class Outgoing:
-    """One event for one request; `final` marks the request's last event."""
+    """One event for one request (by Request.key); `final` marks the request's last event."""
 
-    request_id: str
+    request_key: str
     event: Event
 
     @property
@@ -71,7 +71,7 @@ class _Submit:
 
 @dataclass(frozen=True)
 class _Cancel:
-    request_id: str
+    request_key: str
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class EngineLoop:
         self.scheduler = Scheduler(self.kv, token_budget)
         self._emit = emit
         self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
-        self._by_id: dict[str, Sequence] = {}
+        self._by_key: dict[str, Sequence] = {}
         self._stop: _Stop | None = None
         self._thread: threading.Thread | None = None
 
@@ -108,9 +108,9 @@ class EngineLoop:
         """Queue a validated request; its events (or its error) come out through emit."""
         self._inbox.put(_Submit(request, received_at))
 
-    def cancel(self, request_id: str) -> None:
-        """Stop a request at the next step; it ends with a done event, finish_reason cancelled."""
-        self._inbox.put(_Cancel(request_id))
+    def cancel(self, request_key: str) -> None:
+        """Stop a request (by Request.key) at the next step; it ends with a done event, finish_reason cancelled."""
+        self._inbox.put(_Cancel(request_key))
 
     def stop(self, drain_timeout_s: float) -> None:
         """Finish what is in flight, cancelling whatever still runs after drain_timeout_s, then end the loop."""
@@ -176,7 +176,7 @@ class EngineLoop:
         if isinstance(command, _Submit):
             self._admit_request(command, out)
         elif isinstance(command, _Cancel):
-            sequence = self._by_id.get(command.request_id)
+            sequence = self._by_key.get(command.request_key)
             if sequence is not None:
                 self._finish(sequence, FinishReason.CANCELLED, out)
         else:
@@ -194,7 +194,7 @@ class EngineLoop:
                     f"{self.kv.window}-token window of a sequence",
                 )
         except ProtocolError as exc:
-            out.append(Outgoing(request.id, ErrorEvent(n=0, code=exc.code, message=exc.message)))
+            out.append(Outgoing(request.key, ErrorEvent(n=0, code=exc.code, message=exc.message)))
             return
         seed = request.params.seed if request.params.seed is not None else secrets.randbits(32) % (2**32 - 1)
         sequence = Sequence(
@@ -205,7 +205,7 @@ class EngineLoop:
             text=TextStream(request.params.stop),
         )
         sequence.sampler = self.engine.new_sampler(request.params, seed)
-        self._by_id[request.id] = sequence
+        self._by_key[request.key] = sequence
         self.scheduler.add(sequence)
 
     def _prompt_tokens(self, request: Request) -> list[int]:
@@ -269,7 +269,7 @@ class EngineLoop:
             return
         sequence.generated.append(token)
         text = sequence.text.push(self.engine.token_bytes(token))
-        out.append(Outgoing(sequence.id, TokenEvent(n=sequence.take_event_number(), text=text, tokens=(token,))))
+        out.append(Outgoing(sequence.key, TokenEvent(n=sequence.take_event_number(), text=text, tokens=(token,))))
         if sequence.text.stopped:
             self._finish(sequence, FinishReason.STOP, out)
         elif len(sequence.generated) >= sequence.max_tokens:
@@ -278,14 +278,14 @@ class EngineLoop:
     def _finish(self, sequence: Sequence, reason: FinishReason, out: list[Outgoing]) -> None:
         tail = sequence.text.finish()
         if tail:
-            out.append(Outgoing(sequence.id, TokenEvent(n=sequence.take_event_number(), text=tail, tokens=())))
+            out.append(Outgoing(sequence.key, TokenEvent(n=sequence.take_event_number(), text=tail, tokens=())))
         self._release(sequence)
-        out.append(Outgoing(sequence.id, self._done_event(sequence, reason)))
+        out.append(Outgoing(sequence.key, self._done_event(sequence, reason)))
 
     def _fail(self, sequence: Sequence, error: ProtocolError, out: list[Outgoing]) -> None:
         self._release(sequence)
         out.append(
-            Outgoing(sequence.id, ErrorEvent(n=sequence.take_event_number(), code=error.code, message=error.message))
+            Outgoing(sequence.key, ErrorEvent(n=sequence.take_event_number(), code=error.code, message=error.message))
         )
 
     def _release(self, sequence: Sequence) -> None:
@@ -295,7 +295,7 @@ class EngineLoop:
             self.engine.free_sampler(sequence.sampler)
             sequence.sampler = None
         self.scheduler.release(sequence)
-        self._by_id.pop(sequence.id, None)
+        self._by_key.pop(sequence.key, None)
 
     def _done_event(self, sequence: Sequence, reason: FinishReason) -> DoneEvent:
         now = time.monotonic()

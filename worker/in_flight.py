@@ -11,7 +11,8 @@ from dataclasses import dataclass
 class Ticket:
     """Where a request came from and where its events go."""
 
-    request_id: str
+    request_key: str
+    """Request.key: client and request id."""
     entry_id: bytes
     """Id of the request's entry in the request stream, acked after the final event is written."""
     reply_key: str
@@ -20,7 +21,7 @@ class Ticket:
 
 
 class InFlight:
-    """Tickets by request id; the intake adds them, the publisher removes them after the final event."""
+    """Tickets by Request.key; the intake adds them, the publisher removes them after the final event."""
 
     def __init__(self) -> None:
         self._tickets: dict[str, Ticket] = {}
@@ -29,23 +30,23 @@ class InFlight:
     def __len__(self) -> int:
         return len(self._tickets)
 
-    def __contains__(self, request_id: str) -> bool:
-        return request_id in self._tickets
+    def __contains__(self, request_key: str) -> bool:
+        return request_key in self._tickets
 
     def __iter__(self) -> Iterator[Ticket]:
         return iter(list(self._tickets.values()))
 
-    def get(self, request_id: str) -> Ticket | None:
+    def get(self, request_key: str) -> Ticket | None:
         """The ticket of a request in flight."""
-        return self._tickets.get(request_id)
+        return self._tickets.get(request_key)
 
     def add(self, ticket: Ticket) -> None:
         """Track a request taken from the stream."""
-        self._tickets[ticket.request_id] = ticket
+        self._tickets[ticket.request_key] = ticket
 
-    def remove(self, request_id: str) -> None:
+    def remove(self, request_key: str) -> None:
         """Forget a request whose final event is written and acked."""
-        if self._tickets.pop(request_id, None) is not None:
+        if self._tickets.pop(request_key, None) is not None:
             self._changed.set()
 
     async def wait_below(self, limit: int) -> None:

@@ -104,14 +104,14 @@ class Intake:
         try:
             request = decode_request(data, self._keys, self._limits)
         except ProtocolError as exc:
-            reply_key = identify_request(data, self._keys)
+            reply_key = identify_request(data, self._keys, self._limits)
             log.info("entry %r refused: %s", entry_id, exc.message)
             await self._publisher.reject(entry_id, reply_key, exc)
             return
         reply_key = self._keys.reply(request.client_id, request.id)
-        if request.id in self._in_flight:
-            # Answering would interleave with the live request's events on the same reply stream.
-            log.warning("duplicate request id %s in flight; entry %r dropped", request.id, entry_id)
+        if request.key in self._in_flight:
+            # The same client reused a live id: answering would interleave with that request's own events.
+            log.warning("duplicate request %s in flight; entry %r dropped", request.key, entry_id)
             await self._publisher.reject(entry_id, None, ProtocolError(ErrorCode.INVALID_REQUEST, "duplicate"))
             return
         cancel_key = self._keys.cancel(request.client_id, request.id)
@@ -122,5 +122,5 @@ class Intake:
         if await self._redis.exists(cancel_key):
             await self._publisher.answer(entry_id, reply_key, cancelled_before_start())
             return
-        self._in_flight.add(Ticket(request.id, entry_id, reply_key, cancel_key))
+        self._in_flight.add(Ticket(request.key, entry_id, reply_key, cancel_key))
         self._engine_loop.submit(request, received_at)

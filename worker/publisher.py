@@ -82,16 +82,16 @@ class Publisher:
         finished: list[Ticket] = []
         touched: dict[str, int] = {}
         for item in outgoing:
-            ticket = self._in_flight.get(item.request_id)
+            ticket = self._in_flight.get(item.request_key)
             if ticket is None:
-                log.warning("event for unknown request %s dropped", item.request_id)
+                log.warning("event for unknown request %s dropped", item.request_key)
                 continue
             writes.append((ticket.reply_key, encode_event(item.event)))
             touched[ticket.reply_key] = self._reply_ttl_s if item.final else _RUNNING_TTL_S
             if item.final:
                 finished.append(ticket)
-        finished_ids = {t.request_id for t in finished}
-        watched = [t for t in self._in_flight if t.request_id not in finished_ids and not t.cancel_sent]
+        finished_ids = {t.request_key for t in finished}
+        watched = [t for t in self._in_flight if t.request_key not in finished_ids and not t.cancel_sent]
 
         def build(pipe: Pipeline) -> None:
             for key, data in writes:
@@ -106,11 +106,11 @@ class Publisher:
 
         results = await self._execute(build)
         for ticket in finished:
-            self._in_flight.remove(ticket.request_id)
+            self._in_flight.remove(ticket.request_key)
         for ticket, found in zip(watched, results[len(results) - len(watched) :], strict=True):
             if found and self.engine_loop is not None:
                 ticket.cancel_sent = True
-                self.engine_loop.cancel(ticket.request_id)
+                self.engine_loop.cancel(ticket.request_key)
 
     def _ack(self, pipe: Pipeline, entry_id: bytes) -> None:
         # One consumer group reads this stream, so an acked entry is garbage: deleting it keeps the stream

@@ -42,9 +42,9 @@ class Sequence:
     first_token_at: float | None = None
 
     @property
-    def id(self) -> str:
-        """The request id."""
-        return self.request.id
+    def key(self) -> str:
+        """The request's identity in this worker (client and request id)."""
+        return self.request.key
 
     @property
     def n_tokens(self) -> int:
