@@ -40,3 +40,6 @@ unit: install
 
 clean:
 	rm -rf $(VENV) .typecheck .mypy_cache .ruff_cache .pytest_cache
+
+bench: install
+	$(PY) bench/layouts.py
