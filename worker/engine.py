@@ -229,6 +229,10 @@ class Engine:
 
     def decode(self, slices: SequenceOf[BatchSlice]) -> list[int]:
         """Decode all slices in one llama_decode; return each sampling slice's batch index, in slice order."""
+        n_tokens = sum(len(piece.tokens) for piece in slices)
+        # Checked before filling: the batch's arrays hold n_batch tokens, and ctypes writes past them silently.
+        if n_tokens > self.config.n_batch:
+            raise ValueError(f"batch of {n_tokens} tokens exceeds n_batch {self.config.n_batch}")
         batch = self._batch
         i = 0
         sample_indices = []
@@ -244,8 +248,6 @@ class Engine:
             if piece.sample:
                 batch.logits[i - 1] = 1
                 sample_indices.append(i - 1)
-        if i > self.config.n_batch:
-            raise ValueError(f"batch of {i} tokens exceeds n_batch {self.config.n_batch}")
         batch.n_tokens = i
         status = llama_cpp.llama_decode(self._ctx, batch)
         if status != 0:
