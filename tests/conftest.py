@@ -47,6 +47,12 @@ def prefix() -> str:
 
 
 @pytest.fixture
+def keys(prefix: str) -> Keys:
+    """Key names under this test's own prefix, on a queue other than the default one."""
+    return Keys(prefix=prefix, queue="hand-played")
+
+
+@pytest.fixture
 async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     """A plain client for looking at the server directly."""
     client = aioredis.Redis.from_url(redis_url)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import random
-import secrets
 import time
-from collections.abc import Iterator
 from contextlib import aclosing
 from typing import Any, cast
 
@@ -16,7 +14,6 @@ import redis.asyncio as aioredis
 from llamaq.client import Client, MessageLike, RequestFailed, SamplingKwargs
 from llamaq.protocol import (
     EVENT_FIELD,
-    REQUEST_FIELD,
     ChatMessage,
     DoneEvent,
     ErrorCode,
@@ -24,65 +21,20 @@ from llamaq.protocol import (
     Event,
     FinishReason,
     Keys,
-    Limits,
     Request,
     RequestKind,
     SamplingParams,
-    Timings,
     TokenEvent,
     Usage,
-    decode_request,
     encode_event,
 )
-from llamaq.worker.embedded_valkey import EmbeddedValkey
 
-
-@pytest.fixture(scope="module")
-def valkey_url() -> Iterator[str]:
-    with EmbeddedValkey() as server:
-        yield server.url
+from .hand_worker import HandWorker, answer_events, done
 
 
 @pytest.fixture
-def queue() -> str:
-    # A queue per test keeps each test's request stream to itself on the shared server.
-    return f"t{secrets.token_hex(4)}"
-
-
-class HandWorker:
-    """The worker's side of the protocol, done step by step by the test."""
-
-    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
-        self.redis = redis
-        self.keys = keys
-        self._last_id: bytes | str = b"0-0"
-
-    async def take(self, count: int = 1) -> list[Request]:
-        requests: list[Request] = []
-        with anyio.fail_after(5):
-            while len(requests) < count:
-                response: Any = await self.redis.xread({self.keys.requests: self._last_id}, block=1000)
-                for _key, entries in response:
-                    for entry_id, fields in entries:
-                        self._last_id = entry_id
-                        assert set(fields) == {REQUEST_FIELD}
-                        requests.append(decode_request(fields[REQUEST_FIELD], self.keys, Limits()))
-        return requests
-
-    async def send(self, request: Request, *events: Event) -> None:
-        for event in events:
-            await self.redis.xadd(self.keys.reply(request.client_id, request.id), {EVENT_FIELD: encode_event(event)})
-
-    async def answer(self, request: Request, *texts: str, finish: FinishReason = FinishReason.STOP) -> None:
-        tokens = [TokenEvent(n, text, (n,)) for n, text in enumerate(texts)]
-        await self.send(request, *tokens, done(len(texts), finish, completion_tokens=len(texts)))
-
-    def cancel_key(self, request: Request) -> str:
-        return self.keys.cancel(request.client_id, request.id)
-
-
-def done(n: int, finish: FinishReason = FinishReason.STOP, completion_tokens: int = 0) -> DoneEvent:
-    return DoneEvent(n, finish, Usage(7, completion_tokens, 2), Timings(1.0, 2.0, 3.0, 4.0, 10.0))
+def worker(redis: aioredis.Redis, keys: Keys) -> HandWorker:
+    return HandWorker(redis, keys)
 
 
 async def eventually(check: Any, timeout: float = 3.0) -> None:
@@ -91,17 +43,9 @@ async def eventually(check: Any, timeout: float = 3.0) -> None:
             await anyio.sleep(0.01)
 
 
-@pytest.fixture
-async def redis(valkey_url: str) -> Any:
-    connection = aioredis.Redis.from_url(valkey_url)
-    yield connection
-    await connection.aclose()
-
-
-async def test_chat_request_entry_follows_the_protocol(valkey_url: str, queue: str, redis: aioredis.Redis) -> None:
-    worker = HandWorker(redis, Keys(queue=queue))
+async def test_chat_request_entry_follows_the_protocol(redis_url: str, keys: Keys, worker: HandWorker) -> None:
     messages: list[MessageLike] = [{"role": "system", "content": "be brief"}, ChatMessage("user", "hi")]
-    async with Client(valkey_url, queue=queue, client_id="client-0001") as client:
+    async with Client(redis_url, prefix=keys.prefix, queue=keys.queue, client_id="client-0001") as client:
         before = time.time()
         handle = await client.submit(
             messages=messages, max_tokens=64, temperature=0.7, seed=1, stop="END", top_k=10, deadline_s=30.0
@@ -117,10 +61,9 @@ async def test_chat_request_entry_follows_the_protocol(valkey_url: str, queue: s
         await handle.aclose()
 
 
-async def test_completion_request_carries_the_prompt(valkey_url: str, queue: str, redis: aioredis.Redis) -> None:
-    worker = HandWorker(redis, Keys(queue=queue))
+async def test_completion_request_carries_the_prompt(redis_url: str, keys: Keys, worker: HandWorker) -> None:
     async with (
-        Client(valkey_url, queue=queue) as client,
+        Client(redis_url, prefix=keys.prefix, queue=keys.queue) as client,
         await client.submit(prompt="Once upon", stop=["\n", "."]) as handle,
     ):
         [request] = await worker.take()
@@ -132,10 +75,9 @@ async def test_completion_request_carries_the_prompt(valkey_url: str, queue: str
 
 
 async def test_events_arrive_in_order_and_the_reply_stream_is_deleted(
-    valkey_url: str, queue: str, redis: aioredis.Redis
+    redis_url: str, keys: Keys, redis: aioredis.Redis, worker: HandWorker
 ) -> None:
-    worker = HandWorker(redis, Keys(queue=queue))
-    async with Client(valkey_url, queue=queue) as client:
+    async with Client(redis_url, prefix=keys.prefix, queue=keys.queue) as client:
         seen: list[Event] = []
 
         async def consume() -> None:
@@ -153,9 +95,8 @@ async def test_events_arrive_in_order_and_the_reply_stream_is_deleted(
     assert isinstance(seen[-1], DoneEvent) and seen[-1].usage.completion_tokens == 4
 
 
-async def test_chat_returns_the_whole_completion(valkey_url: str, queue: str, redis: aioredis.Redis) -> None:
-    worker = HandWorker(redis, Keys(queue=queue))
-    async with Client(valkey_url, queue=queue) as client, anyio.create_task_group() as tasks:
+async def test_chat_returns_the_whole_completion(redis_url: str, keys: Keys, worker: HandWorker) -> None:
+    async with Client(redis_url, prefix=keys.prefix, queue=keys.queue) as client, anyio.create_task_group() as tasks:
 
         async def reply() -> None:
             [request] = await worker.take()
@@ -170,9 +111,11 @@ async def test_chat_returns_the_whole_completion(valkey_url: str, queue: str, re
     assert len(completion.request_id) == 32
 
 
-async def test_duplicate_events_are_dropped(valkey_url: str, queue: str, redis: aioredis.Redis) -> None:
-    worker = HandWorker(redis, Keys(queue=queue))
-    async with Client(valkey_url, queue=queue) as client, await client.submit(prompt="p") as handle:
+async def test_duplicate_events_are_dropped(redis_url: str, keys: Keys, worker: HandWorker) -> None:
+    async with (
+        Client(redis_url, prefix=keys.prefix, queue=keys.queue) as client,
+        await client.submit(prompt="p") as handle,
+    ):
         [request] = await worker.take()
         a, b, c = (TokenEvent(n, text, (n,)) for n, text in enumerate("abc"))
         await worker.send(request, a, b, b, a, c, c, done(3))
@@ -181,10 +124,9 @@ async def test_duplicate_events_are_dropped(valkey_url: str, queue: str, redis: 
 
 
 async def test_a_gap_in_events_fails_the_request_as_internal(
-    valkey_url: str, queue: str, redis: aioredis.Redis
+    redis_url: str, keys: Keys, redis: aioredis.Redis, worker: HandWorker
 ) -> None:
-    worker = HandWorker(redis, Keys(queue=queue))
-    async with Client(valkey_url, queue=queue) as client:
+    async with Client(redis_url, prefix=keys.prefix, queue=keys.queue) as client:
         async with await client.submit(prompt="p") as handle:
             [request] = await worker.take()
             await worker.send(request, TokenEvent(0, "a", (1,)), TokenEvent(2, "c", (3,)))
@@ -196,11 +138,10 @@ async def test_a_gap_in_events_fails_the_request_as_internal(
 
 
 async def test_an_error_event_raises_request_failed_after_the_tokens(
-    valkey_url: str, queue: str, redis: aioredis.Redis
+    redis_url: str, keys: Keys, worker: HandWorker
 ) -> None:
-    worker = HandWorker(redis, Keys(queue=queue))
     texts: list[str] = []
-    async with Client(valkey_url, queue=queue) as client, anyio.create_task_group() as tasks:
+    async with Client(redis_url, prefix=keys.prefix, queue=keys.queue) as client, anyio.create_task_group() as tasks:
 
         async def reply() -> None:
             [request] = await worker.take()
@@ -220,9 +161,10 @@ async def test_an_error_event_raises_request_failed_after_the_tokens(
     assert failure.value.code is ErrorCode.CONTEXT_LENGTH_EXCEEDED and failure.value.message == "prompt too long"
 
 
-async def test_a_cancelled_finish_is_a_normal_return(valkey_url: str, queue: str, redis: aioredis.Redis) -> None:
-    worker = HandWorker(redis, Keys(queue=queue))
-    async with Client(valkey_url, queue=queue) as client:
+async def test_a_cancelled_finish_is_a_normal_return(
+    redis_url: str, keys: Keys, redis: aioredis.Redis, worker: HandWorker
+) -> None:
+    async with Client(redis_url, prefix=keys.prefix, queue=keys.queue) as client:
         handle = await client.submit(prompt="p")
         [request] = await worker.take()
         await handle.cancel()
@@ -232,17 +174,18 @@ async def test_a_cancelled_finish_is_a_normal_return(valkey_url: str, queue: str
     assert completion.finish_reason is FinishReason.CANCELLED and completion.text == "partial"
 
 
-async def test_cancel_by_id_sets_the_cancel_key(valkey_url: str, queue: str, redis: aioredis.Redis) -> None:
-    async with Client(valkey_url, queue=queue) as client:
+async def test_cancel_by_id_sets_the_cancel_key(redis_url: str, keys: Keys, redis: aioredis.Redis) -> None:
+    async with Client(redis_url, prefix=keys.prefix, queue=keys.queue) as client:
         await client.cancel("abcdef0123456789")
         key = client.keys.cancel(client.client_id, "abcdef0123456789")
         assert await redis.get(key) == b"1"
         assert 3500 < await redis.ttl(key) <= 3600
 
 
-async def test_closing_a_stream_early_sends_the_cancel(valkey_url: str, queue: str, redis: aioredis.Redis) -> None:
-    worker = HandWorker(redis, Keys(queue=queue))
-    async with Client(valkey_url, queue=queue) as client:
+async def test_closing_a_stream_early_sends_the_cancel(
+    redis_url: str, keys: Keys, redis: aioredis.Redis, worker: HandWorker
+) -> None:
+    async with Client(redis_url, prefix=keys.prefix, queue=keys.queue) as client:
         async with anyio.create_task_group() as tasks:
 
             async def reply() -> None:
@@ -260,9 +203,10 @@ async def test_closing_a_stream_early_sends_the_cancel(valkey_url: str, queue: s
         await eventually(lambda: _absent(redis, worker.keys.reply(client.client_id, request.id)))
 
 
-async def test_breaking_out_of_a_stream_sends_the_cancel(valkey_url: str, queue: str, redis: aioredis.Redis) -> None:
-    worker = HandWorker(redis, Keys(queue=queue))
-    async with Client(valkey_url, queue=queue) as client:
+async def test_breaking_out_of_a_stream_sends_the_cancel(
+    redis_url: str, keys: Keys, redis: aioredis.Redis, worker: HandWorker
+) -> None:
+    async with Client(redis_url, prefix=keys.prefix, queue=keys.queue) as client:
         async with anyio.create_task_group() as tasks:
 
             async def reply() -> None:
@@ -276,9 +220,10 @@ async def test_breaking_out_of_a_stream_sends_the_cancel(valkey_url: str, queue:
         await eventually(lambda: _count(redis, f"*{client.client_id}*:cancel:*"))
 
 
-async def test_a_cancelled_consumer_task_sends_the_cancel(valkey_url: str, queue: str, redis: aioredis.Redis) -> None:
-    worker = HandWorker(redis, Keys(queue=queue))
-    async with Client(valkey_url, queue=queue) as client:
+async def test_a_cancelled_consumer_task_sends_the_cancel(
+    redis_url: str, keys: Keys, redis: aioredis.Redis, worker: HandWorker
+) -> None:
+    async with Client(redis_url, prefix=keys.prefix, queue=keys.queue) as client:
         first_token = anyio.Event()
 
         async def consume() -> None:
@@ -295,19 +240,19 @@ async def test_a_cancelled_consumer_task_sends_the_cancel(valkey_url: str, queue
 
 
 async def test_leaving_the_client_cancels_unfinished_requests(
-    valkey_url: str, queue: str, redis: aioredis.Redis
+    redis_url: str, keys: Keys, redis: aioredis.Redis, worker: HandWorker
 ) -> None:
-    worker = HandWorker(redis, Keys(queue=queue))
-    async with Client(valkey_url, queue=queue) as client:
+    async with Client(redis_url, prefix=keys.prefix, queue=keys.queue) as client:
         await client.submit(prompt="never read")
         [request] = await worker.take()
     assert await redis.exists(worker.cancel_key(request))
     assert not await redis.exists(client.wake_key)
 
 
-async def test_a_missed_deadline_fails_locally_and_cancels(valkey_url: str, queue: str, redis: aioredis.Redis) -> None:
-    worker = HandWorker(redis, Keys(queue=queue))
-    async with Client(valkey_url, queue=queue, deadline_grace_s=0.05) as client:
+async def test_a_missed_deadline_fails_locally_and_cancels(
+    redis_url: str, keys: Keys, redis: aioredis.Redis, worker: HandWorker
+) -> None:
+    async with Client(redis_url, prefix=keys.prefix, queue=keys.queue, deadline_grace_s=0.05) as client:
         started = time.monotonic()
         with pytest.raises(RequestFailed) as failure:
             await client.completion("slow", deadline_s=0.1)
@@ -317,10 +262,11 @@ async def test_a_missed_deadline_fails_locally_and_cancels(valkey_url: str, queu
     assert failure.value.code is ErrorCode.DEADLINE_EXCEEDED
 
 
-async def test_many_requests_share_one_blocked_reader(valkey_url: str, queue: str, redis: aioredis.Redis) -> None:
-    worker = HandWorker(redis, Keys(queue=queue))
+async def test_many_requests_share_one_blocked_reader(
+    redis_url: str, keys: Keys, redis: aioredis.Redis, worker: HandWorker
+) -> None:
     results: dict[str, str] = {}
-    async with Client(valkey_url, queue=queue) as client:
+    async with Client(redis_url, prefix=keys.prefix, queue=keys.queue) as client:
         handles = [await client.submit(prompt=f"prompt {i}") for i in range(20)]
         requests = await worker.take(20)
         # Every in-flight reply stream is waited on by one blocked XREAD, not one per request.
@@ -343,9 +289,13 @@ async def test_many_requests_share_one_blocked_reader(valkey_url: str, queue: st
     assert results == {r.id: f"answer to {r.prompt}" for r in requests}
 
 
-async def test_the_reader_survives_a_dropped_connection(valkey_url: str, queue: str, redis: aioredis.Redis) -> None:
-    worker = HandWorker(redis, Keys(queue=queue))
-    async with Client(valkey_url, queue=queue) as client, await client.submit(prompt="p") as handle:
+async def test_the_reader_survives_a_dropped_connection(
+    redis_url: str, keys: Keys, redis: aioredis.Redis, worker: HandWorker
+) -> None:
+    async with (
+        Client(redis_url, prefix=keys.prefix, queue=keys.queue) as client,
+        await client.submit(prompt="p") as handle,
+    ):
         [request] = await worker.take()
         await eventually(lambda: _blocked_clients(redis, 1))
         clients = await redis.client_list()
@@ -356,9 +306,10 @@ async def test_the_reader_survives_a_dropped_connection(valkey_url: str, queue: 
     assert completion.text == "still here"
 
 
-async def test_a_malformed_event_fails_only_its_request(valkey_url: str, queue: str, redis: aioredis.Redis) -> None:
-    worker = HandWorker(redis, Keys(queue=queue))
-    async with Client(valkey_url, queue=queue) as client:
+async def test_a_malformed_event_fails_only_its_request(
+    redis_url: str, keys: Keys, redis: aioredis.Redis, worker: HandWorker
+) -> None:
+    async with Client(redis_url, prefix=keys.prefix, queue=keys.queue) as client:
         bad, good = await client.submit(prompt="bad"), await client.submit(prompt="good")
         requests = {r.prompt: r for r in await worker.take(2)}
         await redis.xadd(worker.keys.reply(client.client_id, bad.id), {EVENT_FIELD: b"\xc1garbage"})
@@ -369,8 +320,8 @@ async def test_a_malformed_event_fails_only_its_request(valkey_url: str, queue: 
     assert failure.value.code is ErrorCode.INTERNAL
 
 
-async def test_unknown_options_and_missing_prompt_are_refused(valkey_url: str, queue: str) -> None:
-    async with Client(valkey_url, queue=queue) as client:
+async def test_unknown_options_and_missing_prompt_are_refused(redis_url: str, keys: Keys) -> None:
+    async with Client(redis_url, prefix=keys.prefix, queue=keys.queue) as client:
         with pytest.raises(TypeError):
             await client.submit(prompt="p", **cast(Any, {"temprature": 0.5}))
         with pytest.raises(TypeError):
@@ -396,8 +347,7 @@ def test_from_url_falls_back_to_redis_url(monkeypatch: pytest.MonkeyPatch) -> No
 def _answer_events(request: Request) -> list[Event]:
     words = ["answer", " to", " ", *request.prompt.partition(" ")[::2]]
     words.insert(4, " ")
-    events: list[Event] = [TokenEvent(n, w, (n,)) for n, w in enumerate(words)]
-    return [*events, done(len(events))]
+    return answer_events(*words)
 
 
 async def _absent(redis: aioredis.Redis, key: str) -> bool:
@@ -414,8 +364,8 @@ async def _blocked_clients(redis: aioredis.Redis, count: int) -> bool:
     return bool(info["blocked_clients"] == count)
 
 
-async def test_a_dead_reader_fails_waiting_requests(valkey_url: str, queue: str, redis: aioredis.Redis) -> None:
-    async with Client(valkey_url, queue=queue) as client:
+async def test_a_dead_reader_fails_waiting_requests(redis_url: str, keys: Keys, redis: aioredis.Redis) -> None:
+    async with Client(redis_url, prefix=keys.prefix, queue=keys.queue) as client:
         handle = await client.submit(prompt="p")
         await eventually(lambda: _blocked_clients(redis, 1))
         # A wake key of the wrong type makes the reader's next XREAD fail with a server error.
@@ -429,23 +379,23 @@ async def test_a_dead_reader_fails_waiting_requests(valkey_url: str, queue: str,
     assert failure.value.code is ErrorCode.INTERNAL and "WRONGTYPE" in failure.value.message
 
 
-async def test_errors_leave_the_client_unwrapped(valkey_url: str, queue: str, redis: aioredis.Redis) -> None:
-    worker = HandWorker(redis, Keys(queue=queue))
+async def test_errors_leave_the_client_unwrapped(redis_url: str, keys: Keys, worker: HandWorker) -> None:
     with pytest.raises(RequestFailed):
-        async with Client(valkey_url, queue=queue) as client:
+        async with Client(redis_url, prefix=keys.prefix, queue=keys.queue) as client:
             handle = await client.submit(prompt="p")
             [request] = await worker.take()
             await worker.send(request, ErrorEvent(0, ErrorCode.OVERLOADED, "busy"))
             await handle.result()
     with pytest.raises(KeyError):
-        async with Client(valkey_url, queue=queue):
+        async with Client(redis_url, prefix=keys.prefix, queue=keys.queue):
             raise KeyError("not an ExceptionGroup")
 
 
-async def test_a_timeout_around_the_client_leaves_cleanly(valkey_url: str, queue: str, redis: aioredis.Redis) -> None:
-    worker = HandWorker(redis, Keys(queue=queue))
+async def test_a_timeout_around_the_client_leaves_cleanly(
+    redis_url: str, keys: Keys, redis: aioredis.Redis, worker: HandWorker
+) -> None:
     with anyio.move_on_after(0.2) as scope:
-        async with Client(valkey_url, queue=queue) as client:
+        async with Client(redis_url, prefix=keys.prefix, queue=keys.queue) as client:
             await client.chat([{"role": "user", "content": "nobody answers"}])
     assert scope.cancelled_caught
     [request] = await worker.take()
