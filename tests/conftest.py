@@ -86,6 +86,21 @@ async def running_worker(settings: WorkerSettings) -> AsyncIterator[Worker]:
         assert await asyncio.wait_for(task, timeout=120) == 0
 
 
+def assert_kv_cache_accounted(worker: Worker) -> None:
+    """llama.cpp's own view of every sequence equals the manager's: running sequences hold the tokens they
+    computed, idle ones the tokens parked with them, free ones nothing. No leaked cells."""
+    loop = worker.engine_loop
+    assert loop is not None
+    with loop.engine.lock:
+        expected = dict.fromkeys(range(loop.engine.n_seq_max), 0)
+        expected.update(loop.kv.cells_held())
+        for sequence in loop.scheduler.running:
+            assert sequence.seq_id is not None
+            expected[sequence.seq_id] = sequence.n_computed
+        actual = {seq_id: loop.engine.sequence_length(seq_id) for seq_id in expected}
+    assert actual == expected
+
+
 def kv_cells_in_use(worker: Worker) -> int:
     """Cells llama.cpp itself reports for all sequences of a worker's context."""
     loop = worker.engine_loop

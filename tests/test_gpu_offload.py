@@ -13,7 +13,7 @@ import anyio
 import llama_cpp
 import pytest
 
-from .conftest import kv_cells_in_use, running_worker, wait_until_idle, worker_settings
+from .conftest import assert_kv_cache_accounted, running_worker, wait_until_idle, worker_settings
 from .greedy_reference import PROMPTS, concurrent_texts, record_agreement, solo_llama_texts
 
 pytestmark = [
@@ -53,7 +53,7 @@ async def test_full_offload_serves_and_agreement_is_measured(
     async with running_worker(settings) as worker:
         batched = await concurrent_texts(redis_url, prefix, PROMPTS, seed=1)
         await wait_until_idle(worker)
-        assert kv_cells_in_use(worker) == 0
+        assert_kv_cache_accounted(worker)
     solo = await anyio.to_thread.run_sync(solo_llama_texts, model_path, PROMPTS, kv.ggml_type, ALL_LAYERS)
     assert all(batched) and all(solo)
     record_agreement(name, batched, solo)

@@ -8,7 +8,7 @@ import anyio
 import llama_cpp
 import pytest
 
-from .conftest import kv_cells_in_use, running_worker, wait_until_idle, worker_settings
+from .conftest import assert_kv_cache_accounted, running_worker, wait_until_idle, worker_settings
 from .greedy_reference import PROMPTS, concurrent_texts, record_agreement, solo_llama_texts
 
 pytestmark = [
@@ -24,7 +24,7 @@ async def test_default_layout_greedy_equals_solo_llama(redis_url: str, model_pat
     async with running_worker(settings) as worker:
         batched = await concurrent_texts(redis_url, prefix, PROMPTS, seed=1)
         await wait_until_idle(worker)
-        assert kv_cells_in_use(worker) == 0
+        assert_kv_cache_accounted(worker)
     solo = await anyio.to_thread.run_sync(solo_llama_texts, model_path, PROMPTS, llama_cpp.GGML_TYPE_Q8_0)
     assert all(solo), "the reference produced empty text; the comparison would prove nothing"
     for prompt, got, want in zip(PROMPTS, batched, solo, strict=True):
@@ -36,7 +36,7 @@ async def test_unified_layout_agreement_is_measured(redis_url: str, model_path: 
     async with running_worker(settings) as worker:
         batched = await concurrent_texts(redis_url, prefix, PROMPTS, seed=1)
         await wait_until_idle(worker)
-        assert kv_cells_in_use(worker) == 0
+        assert_kv_cache_accounted(worker)
     solo = await anyio.to_thread.run_sync(solo_llama_texts, model_path, PROMPTS, llama_cpp.GGML_TYPE_Q8_0)
     record_agreement("cpu-unified-q8_0", batched, solo)
     # Not asserted equal: the unified layout is documented as traffic-dependent. Every request must still finish.

@@ -11,7 +11,7 @@ import pytest
 
 from llamaq.worker.service import Worker
 
-from .conftest import kv_cells_in_use, running_worker, wait_until_idle, worker_settings
+from .conftest import assert_kv_cache_accounted, running_worker, wait_until_idle, worker_settings
 from .prompts import SHORT_PROMPTS
 
 pytestmark = pytest.mark.slow
@@ -71,4 +71,4 @@ async def test_streams_from_many_processes_are_ordered_and_complete(
 
 async def assert_idle(worker: Worker) -> None:
     await wait_until_idle(worker)
-    assert kv_cells_in_use(worker) == 0
+    assert_kv_cache_accounted(worker)

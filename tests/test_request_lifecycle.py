@@ -29,7 +29,7 @@ from llamaq.protocol import (
 from llamaq.protocol.codec import EVENT_FIELD
 from llamaq.worker.service import Worker
 
-from .conftest import kv_cells_in_use, running_worker, wait_until_idle, worker_settings
+from .conftest import assert_kv_cache_accounted, running_worker, wait_until_idle, worker_settings
 from .prompts import LONG_PROMPT
 
 pytestmark = pytest.mark.slow
@@ -40,7 +40,7 @@ async def worker(redis_url: str, model_path: Path, prefix: str) -> Worker:
     async with running_worker(worker_settings(redis_url, model_path, prefix)) as running:
         yield running  # type: ignore[misc]
         await wait_until_idle(running)
-        assert kv_cells_in_use(running) == 0, "a finished request left KV cells behind"
+        assert_kv_cache_accounted(running)
 
 
 @pytest.fixture
@@ -104,7 +104,7 @@ async def test_cancel_mid_stream_frees_the_sequence(connect: Client, worker: Wor
         assert isinstance(final, DoneEvent) and final.finish_reason is FinishReason.CANCELLED
         assert final.usage.completion_tokens < 400
         await wait_until_idle(worker, timeout_s=5)
-        assert kv_cells_in_use(worker) == 0
+        assert_kv_cache_accounted(worker)
 
 
 async def test_prompt_longer_than_the_window_is_refused(connect: Client) -> None:

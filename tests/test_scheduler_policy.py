@@ -19,7 +19,7 @@ def make_sequence(n_prompt: int, name: str = "r") -> Sequence:
 
 def run_plan(scheduler: Scheduler) -> list[tuple[Sequence, int]]:
     """Carry out one step the way the engine loop does, sampling token 7 where logits are wanted."""
-    plan = scheduler.schedule()
+    plan = scheduler.schedule().chunks
     for chunk in plan:
         wants_token = chunk.completes_input
         chunk.sequence.n_computed += len(chunk.tokens)
@@ -47,7 +47,7 @@ def test_admission_is_bounded_by_free_sequence_ids() -> None:
         scheduler.add(sequence)
     scheduler.schedule()
     assert [s.status for s in sequences] == [Status.RUNNING, Status.RUNNING, Status.WAITING]
-    scheduler.release(sequences[0])
+    assert scheduler.release(sequences[0], keep_cache=False) == 0
     scheduler.schedule()
     assert sequences[2].status is Status.RUNNING
     assert sequences[2].seq_id == 0
@@ -58,10 +58,12 @@ def test_budget_below_parallelism_is_refused() -> None:
         Scheduler(KvCache(n_seq_max=8, window=64), token_budget=4)
 
 
-def test_releasing_an_unallocated_id_is_an_error() -> None:
+def test_releasing_an_id_that_does_not_run_is_an_error() -> None:
     kv = KvCache(n_seq_max=2, window=8)
     with pytest.raises(ValueError):
         kv.free(0)
+    with pytest.raises(ValueError):
+        kv.park(1, [1, 2])
 
 
 @settings(max_examples=200, deadline=None)
@@ -88,11 +90,13 @@ def test_random_workloads_keep_the_invariants(
             # Every decoding sequence gets its one token each step: streams never stall behind a prefill.
             assert all(planned.get(id(s)) == 1 for s in decoding)
         elif scheduler.running:
-            scheduler.release(scheduler.running[value % len(scheduler.running)])
+            scheduler.release(scheduler.running[value % len(scheduler.running)], keep_cache=value % 2 == 0)
         ids = [s.seq_id for s in scheduler.running]
         assert all(seq_id is not None and 0 <= seq_id < n_seq_max for seq_id in ids)
         assert len(set(ids)) == len(ids) == kv.n_used
+        assert not set(ids) & set(kv.cells_held()), "an id is both running and idle"
+        assert kv.n_used + kv.n_idle <= n_seq_max
         assert all(s.seq_id is None for s in scheduler.waiting)
     for sequence in list(scheduler):
-        scheduler.release(sequence)
+        scheduler.release(sequence, keep_cache=True)
     assert kv.n_used == 0 and not scheduler.has_work

@@ -85,6 +85,12 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
     parser.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU")
+    parser.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_false",
+        help="clear each sequence when its request ends instead of keeping its KV for reuse",
+    )
 
 
 def _add_client_flags(parser: argparse.ArgumentParser) -> None:
@@ -114,6 +120,8 @@ def _engine_args(args: argparse.Namespace) -> list[str]:
     ]
     if args.kv_unified:
         flags.append("--kv-unified")
+    if not args.prefix_cache:
+        flags.append("--no-prefix-cache")
     if args.threads:
         flags += ["--threads", str(args.threads)]
     return flags
@@ -143,6 +151,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         n_batch=args.n_batch,
         kv_unified=args.kv_unified,
         kv_type=KvType(args.kv_type),
+        prefix_cache=args.prefix_cache,
         threads=args.threads or default_threads(),
         n_gpu_layers=args.n_gpu_layers,
         prefix=args.prefix,

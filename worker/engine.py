@@ -259,6 +259,11 @@ class Engine:
         self._check_seq_id(seq_id)
         llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
 
+    def truncate_sequence(self, seq_id: int, length: int) -> bool:
+        """Keep a sequence's first `length` positions and drop the rest; False if llama.cpp refused."""
+        self._check_seq_id(seq_id)
+        return bool(llama_cpp.llama_memory_seq_rm(self._memory, seq_id, length, -1))
+
     def sequence_length(self, seq_id: int) -> int:
         """Number of positions a sequence holds in the KV cache (0 when empty)."""
         self._check_seq_id(seq_id)

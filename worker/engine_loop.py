@@ -31,7 +31,7 @@ from llamaq.protocol import (
 from .engine import BatchSlice, DecodeError, Engine
 from .kv_cache import KvCache
 from .scheduler import Chunk, Scheduler
-from .sequence import Sequence, Status
+from .sequence import Sequence
 from .text_stream import TextStream
 
 log = logging.getLogger("llamaq.engine_loop")
@@ -87,9 +87,9 @@ Emit = Callable[[list[Outgoing], StepStats | None], None]
 class EngineLoop:
     """Continuous batching over one Engine, run by `run()` on a dedicated thread."""
 
-    def __init__(self, engine: Engine, token_budget: int, emit: Emit) -> None:
+    def __init__(self, engine: Engine, token_budget: int, emit: Emit, prefix_cache: bool = True) -> None:
         self.engine = engine
-        self.kv = KvCache(n_seq_max=engine.n_seq_max, window=engine.window)
+        self.kv = KvCache(n_seq_max=engine.n_seq_max, window=engine.window, prefix_cache=prefix_cache)
         self.scheduler = Scheduler(self.kv, token_budget)
         self._emit = emit
         self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
@@ -223,7 +223,10 @@ class EngineLoop:
                 self._fail(sequence, ProtocolError(ErrorCode.DEADLINE_EXCEEDED, "the request's deadline passed"), out)
 
     def _step(self, out: list[Outgoing]) -> StepStats | None:
-        plan = self.scheduler.schedule()
+        step = self.scheduler.schedule()
+        for sequence in step.admitted:
+            self._reuse_cached_prefix(sequence)
+        plan = step.chunks
         if not plan:
             return None
         started = time.perf_counter()
@@ -250,6 +253,14 @@ class EngineLoop:
             self._accept(chunk.sequence, token, out)
         n_tokens = sum(len(c.tokens) for c in plan)
         return StepStats(len(plan), n_tokens, decode_s, time.perf_counter() - started)
+
+    def _reuse_cached_prefix(self, sequence: Sequence) -> None:
+        """Cut the admitted sequence's cells back to the prefix it shares with the prompt."""
+        assert sequence.seq_id is not None
+        if not self.engine.truncate_sequence(sequence.seq_id, sequence.n_computed):
+            log.warning("llama.cpp refused to truncate sequence %d; recomputing its prompt", sequence.seq_id)
+            self.engine.free_sequence(sequence.seq_id)
+            sequence.n_computed = sequence.cached_tokens = 0
 
     def _sample(self, plan: list[Chunk], indices: list[int]) -> list[tuple[Chunk, int]]:
         sampled = []
@@ -283,18 +294,19 @@ class EngineLoop:
         out.append(Outgoing(sequence.key, self._done_event(sequence, reason)))
 
     def _fail(self, sequence: Sequence, error: ProtocolError, out: list[Outgoing]) -> None:
-        self._release(sequence)
+        # After an internal error the sequence's cells may not match its tokens: never reuse them.
+        self._release(sequence, keep_cache=error.code is not ErrorCode.INTERNAL)
         out.append(
             Outgoing(sequence.key, ErrorEvent(n=sequence.take_event_number(), code=error.code, message=error.message))
         )
 
-    def _release(self, sequence: Sequence) -> None:
-        if sequence.status is Status.RUNNING and sequence.seq_id is not None:
-            self.engine.free_sequence(sequence.seq_id)
+    def _release(self, sequence: Sequence, keep_cache: bool = True) -> None:
         if sequence.sampler is not None:
             self.engine.free_sampler(sequence.sampler)
             sequence.sampler = None
-        self.scheduler.release(sequence)
+        to_clear = self.scheduler.release(sequence, keep_cache)
+        if to_clear is not None:
+            self.engine.free_sequence(to_clear)
         self._by_key.pop(sequence.key, None)
 
     def _done_event(self, sequence: Sequence, reason: FinishReason) -> DoneEvent:
@@ -304,7 +316,11 @@ class EngineLoop:
         return DoneEvent(
             n=sequence.take_event_number(),
             finish_reason=reason,
-            usage=Usage(prompt_tokens=len(sequence.prompt_tokens), completion_tokens=len(sequence.generated)),
+            usage=Usage(
+                prompt_tokens=len(sequence.prompt_tokens),
+                completion_tokens=len(sequence.generated),
+                cached_tokens=sequence.cached_tokens,
+            ),
             timings=Timings(
                 queue_ms=_ms(admitted - sequence.received_at),
                 prefill_ms=_ms(first - admitted),

@@ -17,6 +17,15 @@ from .sequence import Sequence, Status
 
 
 @dataclass(frozen=True)
+class StepPlan:
+    """What the next step does: sequences admitted now (their cells from `n_computed` on must be removed
+    before decoding, since an admitted id may hold another prompt's tail) and the chunks to decode."""
+
+    admitted: list[Sequence]
+    chunks: list[Chunk]
+
+
+@dataclass(frozen=True)
 class Chunk:
     """Tokens of one sequence to feed in this step."""
 
@@ -54,9 +63,9 @@ class Scheduler:
         sequence.status = Status.WAITING
         self.waiting.append(sequence)
 
-    def schedule(self) -> list[Chunk]:
+    def schedule(self) -> StepPlan:
         """Admit what fits, then plan the next step: decodes first, then prefill chunks in admission order."""
-        self._admit()
+        admitted = self._admit()
         budget = self.token_budget
         decodes = [s for s in self.running if not s.prefilling]
         plan = [Chunk(s, s.pending_tokens(1)) for s in decodes]
@@ -68,23 +77,36 @@ class Scheduler:
                 tokens = sequence.pending_tokens(budget)
                 plan.append(Chunk(sequence, tokens))
                 budget -= len(tokens)
-        return plan
+        return StepPlan(admitted, plan)
 
-    def release(self, sequence: Sequence) -> None:
-        """Take a finished sequence out of the queues and return its id to the pool (cells already cleared)."""
+    def release(self, sequence: Sequence, keep_cache: bool) -> int | None:
+        """Take a finished sequence out of the queues. Its KV is parked for reuse when keep_cache allows;
+        otherwise the id it held is returned, and the caller clears that sequence's cells at once."""
+        to_clear = None
         if sequence.status is Status.RUNNING:
             self.running.remove(sequence)
-            assert sequence.seq_id is not None
-            self.kv.free(sequence.seq_id)
+            seq_id = sequence.seq_id
+            assert seq_id is not None
+            if not (keep_cache and self.kv.park(seq_id, sequence.computed_tokens())):
+                self.kv.free(seq_id)
+                to_clear = seq_id
             sequence.seq_id = None
         elif sequence.status is Status.WAITING:
             self.waiting.remove(sequence)
         sequence.status = Status.FINISHED
+        return to_clear
 
-    def _admit(self) -> None:
-        while self.waiting and self.kv.n_free:
+    def _admit(self) -> list[Sequence]:
+        admitted = []
+        while self.waiting:
+            allocation = self.kv.admit(self.waiting[0].prompt_tokens)
+            if allocation is None:
+                break
             sequence = self.waiting.popleft()
-            sequence.seq_id = self.kv.allocate()
+            sequence.seq_id = allocation.seq_id
+            sequence.n_computed = sequence.cached_tokens = allocation.n_cached
             sequence.status = Status.RUNNING
             sequence.admitted_at = time.monotonic()
             self.running.append(sequence)
+            admitted.append(sequence)
+        return admitted

@@ -33,6 +33,8 @@ class Sequence:
     """time.monotonic() when the worker read the request from Redis."""
     generated: list[int] = field(default_factory=list)
     n_computed: int = 0
+    cached_tokens: int = 0
+    """Prompt tokens whose KV was found in the cache at admission, not computed for this request."""
     seq_id: int | None = None
     sampler: SamplerHandle | None = None
     status: Status = Status.WAITING
@@ -60,6 +62,10 @@ class Sequence:
     def prefilling(self) -> bool:
         """True while prompt tokens remain to be computed."""
         return self.n_computed < len(self.prompt_tokens)
+
+    def computed_tokens(self) -> list[int]:
+        """The tokens whose KV this sequence holds, in position order."""
+        return (self.prompt_tokens + self.generated)[: self.n_computed]
 
     def pending_tokens(self, limit: int) -> list[int]:
         """Up to `limit` of the next tokens to feed to the model."""

@@ -63,7 +63,7 @@ class Worker:
         redis = aioredis.Redis.from_url(url, health_check_interval=30)
         in_flight = InFlight()
         publisher = Publisher(redis, settings.keys, in_flight, settings.reply_ttl_s)
-        engine_loop = EngineLoop(engine, settings.n_batch, publisher.emit_threadsafe)
+        engine_loop = EngineLoop(engine, settings.n_batch, publisher.emit_threadsafe, settings.prefix_cache)
         publisher.engine_loop = engine_loop
         self.engine_loop = engine_loop
         intake = Intake(
@@ -115,7 +115,8 @@ class Worker:
         self._say(
             f"model {engine.model_name}, n_ctx {engine.n_ctx}, parallel {engine.n_seq_max}, "
             f"window {engine.window} tokens per sequence, KV {s.kv_type.value} {layout}, "
-            f"threads {s.threads}, step budget {s.n_batch} tokens"
+            f"threads {s.threads}, step budget {s.n_batch} tokens, "
+            f"prefix cache {'on' if s.prefix_cache else 'off'}"
         )
         self._say(f"consumer {s.consumer} on {s.keys.requests} at {url}")
         self._say(READY_LINE)

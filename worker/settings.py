@@ -39,6 +39,8 @@ class WorkerSettings:
     """Token budget of one decode step (decodes plus prefill chunks)."""
     kv_unified: bool = False
     kv_type: KvType = KvType.Q8_0
+    prefix_cache: bool = True
+    """Keep finished sequences' KV so later requests with the same prefix compute only the rest."""
     threads: int = field(default_factory=default_threads)
     n_gpu_layers: int = 0
     prefix: str = DEFAULT_PREFIX

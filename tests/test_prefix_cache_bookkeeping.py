@@ -1,0 +1,91 @@
+"""The prefix cache's bookkeeping on plain data: longest-prefix reuse, LRU eviction, nothing counted twice."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llamaq.worker.kv_cache import Allocation, KvCache, common_prefix_length
+
+
+def test_finished_sequence_is_reused_for_the_longest_shared_prefix() -> None:
+    kv = KvCache(n_seq_max=3, window=100)
+    a, b = kv.admit([1, 2, 3, 4]), kv.admit([9, 9])
+    assert a is not None and b is not None
+    assert kv.park(a.seq_id, [1, 2, 3, 4, 5]) and kv.park(b.seq_id, [9, 9, 9])
+    again = kv.admit([1, 2, 3, 7, 7])
+    assert again == Allocation(seq_id=a.seq_id, n_cached=3)
+    assert kv.cells_held() == {b.seq_id: 3}
+
+
+def test_a_fully_cached_prompt_still_computes_its_last_token() -> None:
+    kv = KvCache(n_seq_max=1, window=100)
+    first = kv.admit([5, 6, 7])
+    assert first is not None and kv.park(first.seq_id, [5, 6, 7, 8])
+    assert kv.admit([5, 6, 7]) == Allocation(seq_id=first.seq_id, n_cached=2)
+
+
+def test_free_ids_go_before_evicting_and_eviction_is_least_recently_used() -> None:
+    kv = KvCache(n_seq_max=3, window=100)
+    ids = [kv.admit([i]) for i in (1, 2, 3)]
+    assert all(ids) and kv.admit([4]) is None
+    for allocation, tokens in zip(ids, ([1, 1], [2, 2], [3, 3]), strict=True):
+        assert allocation is not None
+        kv.park(allocation.seq_id, tokens)
+    oldest = ids[0]
+    assert oldest is not None
+    evicting = kv.admit([8])
+    assert evicting == Allocation(seq_id=oldest.seq_id, n_cached=0)
+    assert len(kv.cells_held()) == 2
+
+
+def test_with_the_cache_off_nothing_is_parked() -> None:
+    kv = KvCache(n_seq_max=1, window=10, prefix_cache=False)
+    allocation = kv.admit([1, 2])
+    assert allocation is not None
+    assert not kv.park(allocation.seq_id, [1, 2])
+    kv.free(allocation.seq_id)
+    assert kv.cells_held() == {} and kv.n_free == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    n_seq_max=st.integers(1, 5),
+    actions=st.lists(
+        st.tuples(st.booleans(), st.lists(st.integers(0, 3), min_size=1, max_size=8), st.integers(0, 10)),
+        max_size=60,
+    ),
+)
+def test_random_admit_park_free_keep_the_invariants(n_seq_max: int, actions: list[tuple[bool, list[int], int]]) -> None:
+    kv = KvCache(n_seq_max=n_seq_max, window=64)
+    running: dict[int, list[int]] = {}
+    for admit, tokens, choice in actions:
+        if admit:
+            idle_before = kv.cells_held()
+            allocation = kv.admit(tokens)
+            if allocation is None:
+                assert len(running) == n_seq_max
+                continue
+            assert allocation.seq_id not in running and 0 <= allocation.seq_id < n_seq_max
+            assert 0 <= allocation.n_cached < len(tokens)
+            if allocation.n_cached:
+                # Reuse only ever comes from an idle sequence that really holds that prefix.
+                assert allocation.seq_id in idle_before
+            running[allocation.seq_id] = tokens
+        elif running:
+            seq_id = sorted(running)[choice % len(running)]
+            tokens = running.pop(seq_id)
+            if choice % 3 == 0:
+                kv.free(seq_id)
+            else:
+                assert kv.park(seq_id, [*tokens, choice])
+        assert kv.n_used == len(running)
+        assert not set(running) & set(kv.cells_held())
+        # Every id is exactly one of running, idle or free (n_free counts idle ones as evictable).
+        assert kv.n_used + kv.n_free == n_seq_max
+
+
+def test_common_prefix_length() -> None:
+    assert common_prefix_length([1, 2, 3], [1, 2, 4]) == 2
+    assert common_prefix_length([], [1]) == 0
+    assert common_prefix_length([1, 2], [1, 2]) == 2

@@ -1,0 +1,96 @@
+"""Prefix reuse on the real model: a request that starts like an earlier one computes only the rest,
+reports the reused tokens as cached, and its greedy text is the same as without the cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import llama_cpp
+import pytest
+
+from llamaq.client import Client
+
+from .conftest import assert_kv_cache_accounted, kv_cells_in_use, running_worker, wait_until_idle, worker_settings
+from .greedy_reference import MAX_TOKENS, solo_llama_texts
+from .prompts import LONG_PROMPT
+
+pytestmark = pytest.mark.slow
+
+
+async def test_same_prompt_again_is_served_from_cache(redis_url: str, model_path: Path, prefix: str) -> None:
+    async with running_worker(worker_settings(redis_url, model_path, prefix)) as worker:
+        async with Client.from_url(redis_url, prefix=prefix) as client:
+            first = await client.completion(LONG_PROMPT, max_tokens=16, temperature=0)
+            again = await client.completion(LONG_PROMPT, max_tokens=16, temperature=0)
+        await wait_until_idle(worker)
+        assert_kv_cache_accounted(worker)
+    assert first.usage.cached_tokens == 0
+    assert again.usage.cached_tokens == again.usage.prompt_tokens - 1
+    assert again.text == first.text
+
+
+async def test_extended_prompt_reuses_the_prefix_and_equals_a_solo_run(
+    redis_url: str, model_path: Path, prefix: str
+) -> None:
+    """Only the new tail is computed, on top of KV computed for another request, and the greedy text is still
+    exactly that of the whole prompt run alone through llama-cpp-python's `Llama`."""
+    extended = LONG_PROMPT + " a ship with red sails. The keeper wrote in his logbook that"
+    async with running_worker(worker_settings(redis_url, model_path, prefix)) as worker:
+        async with Client.from_url(redis_url, prefix=prefix) as client:
+            base = await client.completion(LONG_PROMPT, max_tokens=MAX_TOKENS, temperature=0)
+            longer = await client.completion(extended, max_tokens=MAX_TOKENS, temperature=0)
+        await wait_until_idle(worker)
+        assert_kv_cache_accounted(worker)
+    assert longer.usage.cached_tokens >= base.usage.prompt_tokens - 1
+    assert longer.usage.prompt_tokens - longer.usage.cached_tokens < 30, "more than the new tail was computed"
+    if not llama_cpp.llama_supports_gpu_offload():
+        [solo] = await anyio.to_thread.run_sync(solo_llama_texts, model_path, [extended], llama_cpp.GGML_TYPE_Q8_0)
+        assert longer.text == solo
+
+
+async def test_next_chat_turn_computes_only_the_new_messages(redis_url: str, model_path: Path, prefix: str) -> None:
+    history = [{"role": "user", "content": "Name a famous lighthouse."}]
+    async with running_worker(worker_settings(redis_url, model_path, prefix)) as worker:
+        async with Client.from_url(redis_url, prefix=prefix) as client:
+            turn1 = await client.chat(history, max_tokens=32, temperature=0)
+            history += [
+                {"role": "assistant", "content": turn1.text},
+                {"role": "user", "content": "Where is it?"},
+            ]
+            turn2 = await client.chat(history, max_tokens=32, temperature=0)
+        await wait_until_idle(worker)
+        assert_kv_cache_accounted(worker)
+    # The whole first turn (its prompt and the reply) comes from the cache; the template's end-of-turn marker
+    # and the new message are what gets computed.
+    assert turn2.usage.cached_tokens >= turn1.usage.prompt_tokens + turn1.usage.completion_tokens - 1
+    assert turn2.usage.prompt_tokens - turn2.usage.cached_tokens < 20
+
+
+async def test_idle_sequences_are_evicted_least_recently_used(redis_url: str, model_path: Path, prefix: str) -> None:
+    settings = worker_settings(redis_url, model_path, prefix, parallel=2, n_ctx=2048)
+    # Different first words: no prompt can reuse another's sequence, so each needs an id of its own.
+    prompts = ["Apples grow on", "Bicycles have two", "Clouds are made of", "Dolphins live in"]
+    async with running_worker(settings) as worker:
+        async with Client.from_url(redis_url, prefix=prefix) as client:
+            results = [await client.completion(p, max_tokens=8, temperature=0) for p in prompts]
+            newest_again = await client.completion(prompts[-1], max_tokens=8, temperature=0)
+            oldest_again = await client.completion(prompts[0], max_tokens=8, temperature=0)
+        await wait_until_idle(worker)
+        assert_kv_cache_accounted(worker)
+        loop = worker.engine_loop
+        assert loop is not None and loop.kv.n_idle == 2
+    assert all(r.usage.completion_tokens == 8 for r in results)
+    assert newest_again.usage.cached_tokens > 0, "the most recent sequence should still be cached"
+    assert oldest_again.usage.cached_tokens == 0, "the least recently used sequence should have been evicted"
+    assert (newest_again.text, oldest_again.text) == (results[-1].text, results[0].text)
+
+
+async def test_with_the_prefix_cache_off_the_cache_ends_empty(redis_url: str, model_path: Path, prefix: str) -> None:
+    async with running_worker(worker_settings(redis_url, model_path, prefix, prefix_cache=False)) as worker:
+        async with Client.from_url(redis_url, prefix=prefix) as client:
+            first = await client.completion(LONG_PROMPT, max_tokens=8, temperature=0)
+            again = await client.completion(LONG_PROMPT, max_tokens=8, temperature=0)
+        await wait_until_idle(worker)
+        assert kv_cells_in_use(worker) == 0
+    assert again.usage.cached_tokens == 0 and again.text == first.text
