@@ -10,6 +10,7 @@ import llama_cpp
 import pytest
 
 from llamaq.client import Client
+from llamaq.protocol import TokenEvent
 
 from .conftest import assert_kv_cache_accounted, kv_cells_in_use, running_worker, wait_until_idle, worker_settings
 from .greedy_reference import MAX_TOKENS, solo_llama_texts
@@ -94,3 +95,32 @@ async def test_with_the_prefix_cache_off_the_cache_ends_empty(redis_url: str, mo
         await wait_until_idle(worker)
         assert kv_cells_in_use(worker) == 0
     assert again.usage.cached_tokens == 0 and again.text == first.text
+
+
+@pytest.mark.parametrize("unified", [False, True], ids=["per-sequence", "unified"])
+async def test_a_running_sequences_prefix_is_copied_into_a_new_request(
+    redis_url: str, model_path: Path, prefix: str, unified: bool
+) -> None:
+    """Two requests share a long system text; the second arrives while the first is decoding and gets the
+    shared part by llama_memory_seq_cp instead of computing it."""
+    first_prompt = LONG_PROMPT + " a ship with red sails, and"
+    second_prompt = LONG_PROMPT + " a whale in the bay, and"
+    settings = worker_settings(redis_url, model_path, prefix, kv_unified=unified)
+    async with running_worker(settings) as worker:
+        async with Client.from_url(redis_url, prefix=prefix) as client:
+            first = await client.submit(prompt=first_prompt, max_tokens=MAX_TOKENS, temperature=0)
+            events = aiter(first)
+            opening = await anext(events)  # the first has computed its prompt: its KV holds the shared part
+            assert isinstance(opening, TokenEvent)
+            second = await client.completion(second_prompt, max_tokens=MAX_TOKENS, temperature=0)
+            first_done = await first.result()
+            first_text = opening.text + first_done.text
+        await wait_until_idle(worker)
+        assert_kv_cache_accounted(worker)
+    # Everything but the few tokens after the shared text comes from the copy.
+    assert second.usage.cached_tokens >= first_done.usage.prompt_tokens - 12
+    if not unified and not llama_cpp.llama_supports_gpu_offload():
+        solo = await anyio.to_thread.run_sync(
+            solo_llama_texts, model_path, [first_prompt, second_prompt], llama_cpp.GGML_TYPE_Q8_0
+        )
+        assert [first_text, second.text] == solo

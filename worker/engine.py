@@ -259,6 +259,17 @@ class Engine:
         self._check_seq_id(seq_id)
         llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
 
+    def copy_sequence(self, source: int, target: int) -> None:
+        """Replace target's KV with a copy of source's (shared cells in the unified layout).
+
+        Always the whole sequence: with per-sequence streams a partial range aborts the process; the caller
+        truncates the copy afterwards. Across streams the data moves at the next decode, the cells at once.
+        """
+        self._check_seq_id(source)
+        self._check_seq_id(target)
+        llama_cpp.llama_memory_seq_rm(self._memory, target, -1, -1)
+        llama_cpp.llama_memory_seq_cp(self._memory, source, target, -1, -1)
+
     def truncate_sequence(self, seq_id: int, length: int) -> bool:
         """Keep a sequence's first `length` positions and drop the rest; False if llama.cpp refused."""
         self._check_seq_id(seq_id)

@@ -255,8 +255,12 @@ class EngineLoop:
         return StepStats(len(plan), n_tokens, decode_s, time.perf_counter() - started)
 
     def _reuse_cached_prefix(self, sequence: Sequence) -> None:
-        """Cut the admitted sequence's cells back to the prefix it shares with the prompt."""
+        """Give the admitted sequence its cached prefix: copy it from another sequence if need be, then cut
+        the cells back to the prefix it shares with the prompt."""
         assert sequence.seq_id is not None
+        if sequence.copy_from is not None:
+            self.engine.copy_sequence(sequence.copy_from, sequence.seq_id)
+            sequence.copy_from = None
         if not self.engine.truncate_sequence(sequence.seq_id, sequence.n_computed):
             log.warning("llama.cpp refused to truncate sequence %d; recomputing its prompt", sequence.seq_id)
             self.engine.free_sequence(sequence.seq_id)

@@ -11,20 +11,26 @@ layout.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass, field
 from itertools import count
+
+MIN_COPY_TOKENS = 16
+"""Shortest shared prefix worth copying from another sequence (a copy moves a whole KV stream)."""
 
 
 @dataclass(frozen=True)
 class Allocation:
     """A sequence id for a new request, and how many of its first tokens are already in that sequence's KV.
 
-    The engine must remove the sequence's cells from position `n_cached` on before decoding into it.
+    With `copy_from`, the engine first copies that sequence's KV into `seq_id`. Either way it then removes the
+    sequence's cells from position `n_cached` on before decoding into it.
     """
 
     seq_id: int
     n_cached: int
+    copy_from: int | None = None
 
 
 @dataclass
@@ -74,25 +80,29 @@ class KvCache:
         """True when a prompt and the tokens it may generate fit in one sequence's window."""
         return n_prompt + max_tokens <= self.window
 
-    def admit(self, prompt: SequenceOf[int]) -> Allocation | None:
-        """An id for a request with this prompt: the idle sequence sharing the longest prefix, else a free id,
-        else the least recently used idle one; None when every id runs."""
-        best_id, best_len = None, 0
-        for seq_id, idle in self._idle.items():
-            shared = common_prefix_length(idle.tokens, prompt)
-            if shared > best_len:
-                best_id, best_len = seq_id, shared
-        if best_id is not None:
-            del self._idle[best_id]
-            # At least the last prompt token is computed again: its logits give the first new token.
-            return self._run(best_id, min(best_len, len(prompt) - 1))
-        if self._free:
-            return self._run(self._free.pop(), 0)
-        if self._idle:
-            oldest = min(self._idle, key=lambda seq_id: self._idle[seq_id].last_used)
-            del self._idle[oldest]
-            return self._run(oldest, 0)
-        return None
+    def admit(self, prompt: SequenceOf[int], running: Mapping[int, SequenceOf[int]] | None = None) -> Allocation | None:
+        """An id for a request with this prompt, reusing the longest prefix any sequence holds; None when every
+        id runs. `running` maps running sequence ids to the tokens they have computed.
+
+        A conversation's own idle sequence is continued in place. A prefix shared with another sequence (a
+        system prompt, a branch) is copied into a fresh id when there is one, so the source keeps its history;
+        otherwise an idle source is taken over and cut back.
+        """
+        source, shared = self._longest_prefix(prompt, running or {})
+        # At least the last prompt token is computed again: its logits give the first new token.
+        n_cached = min(shared, len(prompt) - 1)
+        if source is not None and source in self._idle and shared == len(self._idle[source].tokens):
+            del self._idle[source]
+            return self._run(source, n_cached)
+        if source is not None and shared >= MIN_COPY_TOKENS:
+            fresh = self._fresh_id(keep=source)
+            if fresh is not None:
+                return self._run(fresh, n_cached, copy_from=source)
+        if source is not None and source in self._idle:
+            del self._idle[source]
+            return self._run(source, n_cached)
+        fresh = self._fresh_id(keep=None)
+        return None if fresh is None else self._run(fresh, 0)
 
     def park(self, seq_id: int, tokens: SequenceOf[int]) -> bool:
         """A running sequence ended with `tokens` in its KV; keep it for reuse. False: clear it and free()."""
@@ -109,9 +119,31 @@ class KvCache:
         self._running.discard(seq_id)
         self._free.append(seq_id)
 
-    def _run(self, seq_id: int, n_cached: int) -> Allocation:
+    def _longest_prefix(
+        self, prompt: SequenceOf[int], running: Mapping[int, SequenceOf[int]]
+    ) -> tuple[int | None, int]:
+        best_id, best_len = None, 0
+        holders = [(seq_id, idle.tokens) for seq_id, idle in self._idle.items()] + list(running.items())
+        for seq_id, tokens in holders:
+            shared = common_prefix_length(tokens, prompt)
+            if shared > best_len:
+                best_id, best_len = seq_id, shared
+        return best_id, best_len
+
+    def _fresh_id(self, keep: int | None) -> int | None:
+        """A free id, else the least recently used idle one other than `keep` (evicted); None if there is none."""
+        if self._free:
+            return self._free.pop()
+        evictable = [seq_id for seq_id in self._idle if seq_id != keep]
+        if not evictable:
+            return None
+        oldest = min(evictable, key=lambda seq_id: self._idle[seq_id].last_used)
+        del self._idle[oldest]
+        return oldest
+
+    def _run(self, seq_id: int, n_cached: int, copy_from: int | None = None) -> Allocation:
         self._running.add(seq_id)
-        return Allocation(seq_id, max(n_cached, 0))
+        return Allocation(seq_id, max(n_cached, 0), None if n_cached <= 0 else copy_from)
 
     def _check_running(self, seq_id: int) -> None:
         if seq_id not in self._running:

@@ -99,11 +99,13 @@ class Scheduler:
     def _admit(self) -> list[Sequence]:
         admitted = []
         while self.waiting:
-            allocation = self.kv.admit(self.waiting[0].prompt_tokens)
+            computed = {s.seq_id: s.computed_tokens() for s in self.running if s.seq_id is not None}
+            allocation = self.kv.admit(self.waiting[0].prompt_tokens, computed)
             if allocation is None:
                 break
             sequence = self.waiting.popleft()
             sequence.seq_id = allocation.seq_id
+            sequence.copy_from = allocation.copy_from
             sequence.n_computed = sequence.cached_tokens = allocation.n_cached
             sequence.status = Status.RUNNING
             sequence.admitted_at = time.monotonic()

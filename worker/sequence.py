@@ -36,6 +36,8 @@ class Sequence:
     cached_tokens: int = 0
     """Prompt tokens whose KV was found in the cache at admission, not computed for this request."""
     seq_id: int | None = None
+    copy_from: int | None = None
+    """At admission: the sequence whose KV holds this one's cached prefix, to be copied in first."""
     sampler: SamplerHandle | None = None
     status: Status = Status.WAITING
     text: TextStream = field(default_factory=TextStream)
