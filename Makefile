@@ -43,3 +43,4 @@ clean:
 
 bench: install
 	$(PY) bench/layouts.py
+	$(PY) bench/shared_prefix.py

@@ -39,13 +39,18 @@ def test_free_ids_go_before_evicting_and_eviction_is_least_recently_used() -> No
     assert len(kv.cells_held()) == 2
 
 
-def test_with_the_cache_off_nothing_is_parked() -> None:
-    kv = KvCache(n_seq_max=1, window=10, prefix_cache=False)
+def test_with_the_cache_off_nothing_is_parked_or_copied() -> None:
+    kv = KvCache(n_seq_max=2, window=100, prefix_cache=False)
     allocation = kv.admit([1, 2])
     assert allocation is not None
     assert not kv.park(allocation.seq_id, [1, 2])
     kv.free(allocation.seq_id)
-    assert kv.cells_held() == {} and kv.n_free == 1
+    assert kv.cells_held() == {} and kv.n_free == 2
+    shared = list(range(40))
+    running = kv.admit(shared)
+    assert running is not None
+    second = kv.admit(shared, {running.seq_id: shared})
+    assert second is not None and (second.n_cached, second.copy_from) == (0, None)
 
 
 @settings(max_examples=300, deadline=None)

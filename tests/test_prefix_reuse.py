@@ -3,6 +3,7 @@ reports the reused tokens as cached, and its greedy text is the same as without 
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import anyio
@@ -124,3 +125,35 @@ async def test_a_running_sequences_prefix_is_copied_into_a_new_request(
             solo_llama_texts, model_path, [first_prompt, second_prompt], llama_cpp.GGML_TYPE_Q8_0
         )
         assert [first_text, second.text] == solo
+
+
+@pytest.mark.parametrize("unified", [False, True], ids=["per-sequence", "unified"])
+async def test_a_system_prompt_shared_by_simultaneous_chats_is_prefilled_once(
+    redis_url: str, model_path: Path, prefix: str, unified: bool
+) -> None:
+    """Counted by the engine, not timed: four chats sent at once with a ~600-token system prompt cost one
+    prefill of it plus their own short suffixes."""
+    settings = worker_settings(redis_url, model_path, prefix, kv_unified=unified)
+    async with running_worker(settings) as worker:
+        loop = worker.engine_loop
+        assert loop is not None
+        decoded_before = loop.engine.tokens_decoded
+        async with Client.from_url(redis_url, prefix=prefix) as client:
+            results = await asyncio.gather(
+                *(
+                    client.chat(
+                        [{"role": "system", "content": LONG_PROMPT}, {"role": "user", "content": f"Question {i}?"}],
+                        max_tokens=4,
+                        temperature=0,
+                    )
+                    for i in range(4)
+                )
+            )
+        await wait_until_idle(worker)
+        assert_kv_cache_accounted(worker)
+        generated = sum(r.usage.completion_tokens for r in results)
+        prefilled = loop.engine.tokens_decoded - decoded_before - (generated - len(results))
+    prompt = results[0].usage.prompt_tokens
+    assert prompt > 600
+    assert prefilled < prompt + 4 * 30, f"{prefilled} prompt tokens computed for four {prompt}-token chats"
+    assert sum(r.usage.cached_tokens for r in results) >= 3 * (prompt - 30)

@@ -100,3 +100,20 @@ def test_random_workloads_keep_the_invariants(
     for sequence in list(scheduler):
         scheduler.release(sequence, keep_cache=True)
     assert kv.n_used == 0 and not scheduler.has_work
+
+
+def test_a_request_sharing_a_prefix_being_prefilled_waits_to_copy_it() -> None:
+    scheduler = Scheduler(KvCache(n_seq_max=4, window=1024), token_budget=16)
+    first, second, other = make_sequence(40, "a"), make_sequence(40, "b"), make_sequence(3, "c")
+    second.prompt_tokens[-1] = 999  # shares 39 tokens with the first
+    other.prompt_tokens = [500, 501, 502]
+    for sequence in (first, second, other):
+        scheduler.add(sequence)
+    run_plan(scheduler)
+    assert first.status is Status.RUNNING and other.status is Status.RUNNING
+    assert second.status is Status.WAITING, "admitted before the shared prefix was computed"
+    while first.prefilling:
+        run_plan(scheduler)
+    plan = scheduler.schedule()
+    assert second in plan.admitted
+    assert second.copy_from == first.seq_id and second.n_computed == 39

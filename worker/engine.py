@@ -105,6 +105,8 @@ class Engine:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self.window = self.n_ctx // self.n_seq_max if config.kv_unified else llama_cpp.llama_n_ctx_seq(self._ctx)
         self.model_name = config.model_path.stem
+        self.tokens_decoded = 0
+        """Tokens fed to llama_decode since the context was created: the work actually done."""
         self._formatter = self._chat_formatter()
 
     @staticmethod
@@ -252,6 +254,7 @@ class Engine:
         status = llama_cpp.llama_decode(self._ctx, batch)
         if status != 0:
             raise DecodeError(status)
+        self.tokens_decoded += n_tokens
         return sample_indices
 
     def free_sequence(self, seq_id: int) -> None:
@@ -274,6 +277,10 @@ class Engine:
         """Keep a sequence's first `length` positions and drop the rest; False if llama.cpp refused."""
         self._check_seq_id(seq_id)
         return bool(llama_cpp.llama_memory_seq_rm(self._memory, seq_id, length, -1))
+
+    def state_bytes(self) -> int:
+        """Size of the context's serialised state; it grows with the KV cells in use, shared or not."""
+        return int(llama_cpp.llama_state_get_size(self._ctx))
 
     def sequence_length(self, seq_id: int) -> int:
         """Number of positions a sequence holds in the KV cache (0 when empty)."""

@@ -47,7 +47,8 @@ class KvCache:
     window: int
     """Cells one sequence may occupy; prompt plus generated tokens must fit in it."""
     prefix_cache: bool = True
-    """Park finished sequences for reuse; when off, every released sequence is cleared."""
+    """Reuse prefixes: park finished sequences, continue or copy them. When off, every request is computed
+    from scratch and every released sequence is cleared."""
     _free: list[int] = field(init=False)
     _idle: dict[int, _Idle] = field(init=False, default_factory=dict)
     _running: set[int] = field(init=False, default_factory=set)
@@ -88,7 +89,7 @@ class KvCache:
         system prompt, a branch) is copied into a fresh id when there is one, so the source keeps its history;
         otherwise an idle source is taken over and cut back.
         """
-        source, shared = self._longest_prefix(prompt, running or {})
+        source, shared = self._longest_prefix(prompt, running or {}) if self.prefix_cache else (None, 0)
         # At least the last prompt token is computed again: its logits give the first new token.
         n_cached = min(shared, len(prompt) - 1)
         if source is not None and source in self._idle and shared == len(self._idle[source].tokens):

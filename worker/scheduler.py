@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .kv_cache import KvCache
+from .kv_cache import MIN_COPY_TOKENS, KvCache, common_prefix_length
 from .sequence import Sequence, Status
 
 
@@ -98,12 +98,14 @@ class Scheduler:
 
     def _admit(self) -> list[Sequence]:
         admitted = []
-        while self.waiting:
+        for sequence in list(self.waiting):
+            if self._prefix_in_progress(sequence):
+                continue
             computed = {s.seq_id: s.computed_tokens() for s in self.running if s.seq_id is not None}
-            allocation = self.kv.admit(self.waiting[0].prompt_tokens, computed)
+            allocation = self.kv.admit(sequence.prompt_tokens, computed)
             if allocation is None:
                 break
-            sequence = self.waiting.popleft()
+            self.waiting.remove(sequence)
             sequence.seq_id = allocation.seq_id
             sequence.copy_from = allocation.copy_from
             sequence.n_computed = sequence.cached_tokens = allocation.n_cached
@@ -112,3 +114,15 @@ class Scheduler:
             self.running.append(sequence)
             admitted.append(sequence)
         return admitted
+
+    def _prefix_in_progress(self, sequence: Sequence) -> bool:
+        """True while a running sequence is still prefilling a long prefix this one shares: waiting a few steps
+        to copy it beats computing it twice. Later requests are admitted past this one meanwhile."""
+        if not self.kv.prefix_cache:
+            return False
+        for running in self.running:
+            if running.prefilling:
+                shared = common_prefix_length(running.prompt_tokens, sequence.prompt_tokens)
+                if shared >= MIN_COPY_TOKENS and running.n_computed < min(shared, len(sequence.prompt_tokens) - 1):
+                    return True
+        return False
