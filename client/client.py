@@ -6,7 +6,7 @@ import math
 import secrets
 import time
 from collections.abc import AsyncGenerator, Iterable, Mapping
-from contextlib import suppress
+from contextlib import AsyncExitStack, suppress
 from types import TracebackType
 from typing import Any, Unpack
 
@@ -163,6 +163,41 @@ class Client:
         async with await self.submit(prompt=prompt, **options) as handle:
             return await handle.result()
 
+    async def submit_choices(
+        self,
+        n: int,
+        *,
+        messages: Iterable[MessageLike] | None = None,
+        prompt: str | None = None,
+        **options: Unpack[RequestOptions],
+    ) -> list[RequestHandle]:
+        """Send `n` independent generations of one prompt, each its own request and event stream.
+
+        The worker computes the shared prompt once and copies it into the others. With a seed, choice i is
+        sampled with seed + i, so each choice equals that request sent alone with its seed.
+        """
+        if n < 1:
+            raise ValueError("n must be at least 1")
+        history = None if messages is None else [chat_message(m) for m in messages]
+        seed = options.get("seed")
+        handles = []
+        for index in range(n):
+            choice_options = dict(options)
+            if seed is not None:
+                choice_options["seed"] = seed + index
+            handles.append(await self.submit(messages=history, prompt=prompt, **choice_options))  # type: ignore[arg-type]
+        return handles
+
+    async def chat_choices(
+        self, messages: Iterable[MessageLike], n: int, **options: Unpack[RequestOptions]
+    ) -> list[Completion]:
+        """Run `n` generations of one chat to the end (see submit_choices)."""
+        return await _results(await self.submit_choices(n, messages=messages, **options))
+
+    async def completion_choices(self, prompt: str, n: int, **options: Unpack[RequestOptions]) -> list[Completion]:
+        """Run `n` generations of one raw prompt to the end (see submit_choices)."""
+        return await _results(await self.submit_choices(n, prompt=prompt, **options))
+
     async def cancel(self, request_id: str) -> None:
         """Ask the worker to stop one of this client's requests; its final event still arrives."""
         await self._commands().set(self.keys.cancel(self.client_id, request_id), 1, ex=CANCEL_TTL_S)
@@ -189,3 +224,12 @@ class Client:
         if self._redis is None:
             raise RuntimeError("use the client inside `async with`")
         return self._redis
+
+
+async def _results(handles: list[RequestHandle]) -> list[Completion]:
+    """Every handle's Completion, in order; a failure cancels the requests still running."""
+    # The requests all run on the worker already; reading them one after the other costs no time.
+    async with AsyncExitStack() as stack:
+        for handle in handles:
+            await stack.enter_async_context(handle)
+        return [await handle.result() for handle in handles]

@@ -65,6 +65,16 @@ class SyncClient:
         """Run a raw-prompt request to the end and return the whole answer."""
         return self._running().call(lambda: self.client.completion(prompt, **options))
 
+    def chat_choices(
+        self, messages: Iterable[MessageLike], n: int, **options: Unpack[RequestOptions]
+    ) -> list[Completion]:
+        """Run `n` generations of one chat (see Client.submit_choices)."""
+        return self._running().call(lambda: self.client.chat_choices(messages, n, **options))
+
+    def completion_choices(self, prompt: str, n: int, **options: Unpack[RequestOptions]) -> list[Completion]:
+        """Run `n` generations of one raw prompt (see Client.submit_choices)."""
+        return self._running().call(lambda: self.client.completion_choices(prompt, n, **options))
+
     def stream_chat(
         self, messages: Iterable[MessageLike], **options: Unpack[RequestOptions]
     ) -> Iterator[TokenEvent | DoneEvent]:

@@ -157,3 +157,25 @@ async def test_a_system_prompt_shared_by_simultaneous_chats_is_prefilled_once(
     assert prompt > 600
     assert prefilled < prompt + 4 * 30, f"{prefilled} prompt tokens computed for four {prompt}-token chats"
     assert sum(r.usage.cached_tokens for r in results) >= 3 * (prompt - 30)
+
+
+async def test_n_choices_compute_the_prompt_once_and_each_equals_its_seed_alone(
+    redis_url: str, model_path: Path, prefix: str
+) -> None:
+    async with running_worker(worker_settings(redis_url, model_path, prefix)) as worker:
+        loop = worker.engine_loop
+        assert loop is not None
+        async with Client.from_url(redis_url, prefix=prefix) as client:
+            decoded_before = loop.engine.tokens_decoded
+            choices = await client.completion_choices(LONG_PROMPT, 3, max_tokens=12, temperature=1.0, seed=40)
+            decoded = loop.engine.tokens_decoded - decoded_before
+            alone = [
+                await client.completion(LONG_PROMPT, max_tokens=12, temperature=1.0, seed=40 + i) for i in range(3)
+            ]
+        await wait_until_idle(worker)
+        assert_kv_cache_accounted(worker)
+    prompt = choices[0].usage.prompt_tokens
+    generated = sum(c.usage.completion_tokens for c in choices)
+    assert decoded - generated < prompt + 10, f"{decoded - generated} prompt tokens computed for 3 choices"
+    assert [c.text for c in choices] == [a.text for a in alone]
+    assert len({c.text for c in choices}) > 1, "the choices did not sample independently"
