@@ -19,6 +19,8 @@ from llamaq.protocol import (
     DEFAULT_PREFIX,
     DEFAULT_QUEUE,
     REQUEST_FIELD,
+    ConversationCommand,
+    ConversationOp,
     DoneEvent,
     ErrorCode,
     Event,
@@ -112,10 +114,13 @@ class Client:
         **options: Unpack[RequestOptions],
     ) -> RequestHandle:
         """Send a chat (messages) or completion (prompt) request and return its handle."""
+        self._commands()
+        return await self._send(self._new_request(messages, prompt, options), options.get("deadline_s"))
+
+    async def _send(self, request: Request, deadline_s: float | None) -> RequestHandle:
         commands = self._commands()
         if self._replies.failure is not None:
             raise RequestFailed(ErrorCode.INTERNAL, self._replies.failure)
-        request = self._new_request(messages, prompt, options)
         reply_key = self.keys.reply(self.client_id, request.id)
         send, receive = anyio.create_memory_object_stream[Event](math.inf)
         inflight = Inflight(request.id, send, receive)
@@ -133,7 +138,6 @@ class Client:
             with anyio.move_on_after(CLEANUP_TIMEOUT_S, shield=True), suppress(RedisError):
                 await self.cancel(request.id)
             raise
-        deadline_s = options.get("deadline_s")
         give_up_at = None if deadline_s is None else anyio.current_time() + deadline_s + self._deadline_grace_s
         return RequestHandle(self, inflight, give_up_at)
 
@@ -198,6 +202,39 @@ class Client:
         """Run `n` generations of one raw prompt to the end (see submit_choices)."""
         return await _results(await self.submit_choices(n, prompt=prompt, **options))
 
+    async def get_conversation(self, conversation: str) -> dict[str, Any]:
+        """A named conversation's stored history: messages (chat) or text (completion), and its token count."""
+        return await self._operate(conversation, ConversationCommand(ConversationOp.GET))
+
+    async def rewind_conversation(
+        self, conversation: str, *, to_message: int | None = None, drop_tokens: int | None = None
+    ) -> dict[str, Any]:
+        """Cut a chat back to its first `to_message` messages, or a completion conversation by `drop_tokens`."""
+        command = ConversationCommand(ConversationOp.REWIND, to_message=to_message, drop_tokens=drop_tokens)
+        return await self._operate(conversation, command)
+
+    async def fork_conversation(self, conversation: str, into: str | None = None) -> str:
+        """Start a new conversation as a copy of this one (its KV is reused on its next turn); its id."""
+        into = into or secrets.token_hex(16)
+        await self._operate(conversation, ConversationCommand(ConversationOp.FORK, into=into))
+        return into
+
+    async def delete_conversation(self, conversation: str) -> None:
+        """Forget a conversation: its history in Redis and the KV the worker cached for it."""
+        await self._operate(conversation, ConversationCommand(ConversationOp.DELETE))
+
+    async def _operate(self, conversation: str, command: ConversationCommand) -> dict[str, Any]:
+        request = Request(
+            id=secrets.token_hex(16),
+            client_id=self.client_id,
+            kind=RequestKind.OP,
+            conversation=conversation,
+            command=command,
+            created=time.time(),
+        )
+        async with await self._send(request, None) as handle:
+            return await handle.outcome()
+
     async def cancel(self, request_id: str) -> None:
         """Ask the worker to stop one of this client's requests; its final event still arrives."""
         await self._commands().set(self.keys.cancel(self.client_id, request_id), 1, ex=CANCEL_TTL_S)
@@ -218,6 +255,8 @@ class Client:
             params=params,
             deadline=None if deadline_s is None else now + deadline_s,
             created=now,
+            conversation=options.get("conversation"),
+            append=bool(options.get("append", False)),
         )
 
     def _commands(self) -> aioredis.Redis:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from llamaq.protocol import DoneEvent, ErrorCode, ErrorEvent, Event, TokenEvent
+from llamaq.protocol import DoneEvent, ErrorCode, ErrorEvent, Event, ResultEvent, TokenEvent
 
 
 class RequestFailed(Exception):
@@ -19,4 +19,6 @@ def succeeded(event: Event, request_id: str) -> TokenEvent | DoneEvent:
     """The event itself, unless it is an error event: then raise it as RequestFailed."""
     if isinstance(event, ErrorEvent):
         raise RequestFailed(event.code, event.message, request_id)
+    if isinstance(event, ResultEvent):
+        raise RequestFailed(ErrorCode.INTERNAL, "a result event answered a generation request", request_id)
     return event

@@ -28,15 +28,20 @@ class SamplingKwargs(TypedDict, total=False):
 
 
 class RequestOptions(SamplingKwargs, total=False):
-    """Sampling keywords plus `deadline_s`, seconds from now after which the answer is worthless."""
+    """Sampling keywords plus `deadline_s`, seconds from now after which the answer is worthless, and a named
+    `conversation` (with `append`: the messages or prompt continue its stored history)."""
 
     deadline_s: float | None
+    conversation: str | None
+    append: bool
 
 
 def sampling_params(options: Mapping[str, Any]) -> tuple[SamplingParams, float | None]:
     """Split keyword options into SamplingParams and deadline_s; TypeError on an unknown name."""
     values = dict(options)
     deadline_s = values.pop("deadline_s", None)
+    values.pop("conversation", None)
+    values.pop("append", None)
     stop = values.pop("stop", None)
     if stop is not None:
         values["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)

@@ -5,12 +5,23 @@ from __future__ import annotations
 from contextlib import suppress
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from redis.exceptions import RedisError
 
-from llamaq.protocol import DoneEvent, ErrorCode, ErrorEvent, Event, FinishReason, Timings, TokenEvent, Usage
+from llamaq.protocol import (
+    DoneEvent,
+    ErrorCode,
+    ErrorEvent,
+    Event,
+    FinalEvent,
+    FinishReason,
+    ResultEvent,
+    Timings,
+    TokenEvent,
+    Usage,
+)
 
 from .errors import RequestFailed, succeeded
 from .in_flight import CLEANUP_TIMEOUT_S, Inflight
@@ -40,7 +51,7 @@ class RequestHandle:
         give_up_at: float | None,
     ) -> None:
         self.id = inflight.request_id
-        self.final: DoneEvent | ErrorEvent | None = None
+        self.final: FinalEvent | None = None
         self._client = client
         self._inflight = inflight
         self._give_up_at = give_up_at
@@ -69,6 +80,15 @@ class RequestHandle:
                 return Completion("".join(parts), ok.finish_reason, ok.usage, ok.timings, self.id)
             parts.append(ok.text)
         raise RequestFailed(ErrorCode.INTERNAL, "the request ended without a final event", self.id)
+
+    async def outcome(self) -> dict[str, Any]:
+        """Read an `op` request to its end and return what its result event carries."""
+        async for event in self:
+            if isinstance(event, ResultEvent):
+                return event.data
+            if isinstance(event, ErrorEvent):
+                raise RequestFailed(event.code, event.message, self.id)
+        raise RequestFailed(ErrorCode.INTERNAL, "the request ended without a result event", self.id)
 
     async def cancel(self) -> None:
         """Ask the worker to stop; keep iterating to get the final `cancelled` event."""

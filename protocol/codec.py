@@ -9,6 +9,7 @@ from typing import Any
 
 import msgpack
 
+from .conversation import command_to_wire, parse_command
 from .errors import ErrorCode, ProtocolError, invalid
 from .keys import Keys, is_valid_id
 from .limits import Limits
@@ -21,6 +22,7 @@ from .messages import (
     FinishReason,
     Request,
     RequestKind,
+    ResultEvent,
     SamplingParams,
     Timings,
     TokenEvent,
@@ -33,7 +35,24 @@ EVENT_FIELD = b"e"
 """The one field of a reply stream entry; its value is the msgpack-encoded event map."""
 
 _KNOWN_REQUEST_KEYS = frozenset(
-    {"v", "id", "client", "reply", "kind", "messages", "prompt", "params", "deadline", "created"}
+    {
+        "v",
+        "id",
+        "client",
+        "reply",
+        "kind",
+        "messages",
+        "prompt",
+        "params",
+        "deadline",
+        "created",
+        "conversation",
+        "append",
+        "op",
+        "to_message",
+        "drop_tokens",
+        "into",
+    }
 )
 _PARAM_NAMES = frozenset(SamplingParams.__dataclass_fields__)
 
@@ -51,8 +70,14 @@ def encode_request(request: Request, keys: Keys) -> bytes:
     }
     if request.kind is RequestKind.CHAT:
         body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
-    else:
+    elif request.kind is RequestKind.COMPLETION:
         body["prompt"] = request.prompt
+    if request.command is not None:
+        body.update(command_to_wire(request.command))
+    if request.conversation is not None:
+        body["conversation"] = request.conversation
+    if request.append:
+        body["append"] = True
     if request.deadline is not None:
         body["deadline"] = request.deadline
     packed: bytes = msgpack.packb(body, use_bin_type=True)
@@ -74,18 +99,28 @@ def decode_request(data: bytes, keys: Keys, limits: Limits) -> Request:
     if reply != keys.reply(client_id, request_id):
         raise invalid("reply must be the key this protocol derives from client and id")
     kind = _require_kind(body.get("kind"))
+    conversation = _optional_conversation(body)
+    append = body.get("append", False)
+    if not isinstance(append, bool) or (append and conversation is None):
+        raise invalid("append must be a boolean, and true only with a conversation")
     messages: tuple[ChatMessage, ...] = ()
     prompt = ""
+    command = None
     if kind is RequestKind.CHAT:
-        if "prompt" in body:
-            raise invalid("a chat request carries messages, not prompt")
+        _forbid(body, kind, {"prompt", "op"})
         messages = _parse_messages(body.get("messages"), limits)
-    else:
-        if "messages" in body:
-            raise invalid("a completion request carries prompt, not messages")
+    elif kind is RequestKind.COMPLETION:
+        _forbid(body, kind, {"messages", "op"})
         prompt = _require_text(body.get("prompt"), "prompt", limits.max_text_chars)
         if not prompt:
             raise invalid("prompt must not be empty")
+    else:
+        _forbid(body, kind, {"messages", "prompt", "append"})
+        if conversation is None:
+            raise invalid("an op request names its conversation")
+        command = parse_command(body)
+    if kind is not RequestKind.OP and {"op", "to_message", "drop_tokens", "into"} & set(body):
+        raise invalid("op, to_message, drop_tokens and into belong to op requests")
     return Request(
         id=request_id,
         client_id=client_id,
@@ -95,7 +130,25 @@ def decode_request(data: bytes, keys: Keys, limits: Limits) -> Request:
         params=_parse_params(body.get("params", {}), limits),
         deadline=_optional_time(body.get("deadline"), "deadline"),
         created=_optional_time(body.get("created"), "created") or 0.0,
+        conversation=conversation,
+        append=append,
+        command=command,
     )
+
+
+def _forbid(body: Mapping[str, Any], kind: RequestKind, names: set[str]) -> None:
+    present = sorted(names & set(body))
+    if present:
+        raise invalid(f"a {kind.value} request does not carry {', '.join(present)}")
+
+
+def _optional_conversation(body: Mapping[str, Any]) -> str | None:
+    value = body.get("conversation")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not is_valid_id(value):
+        raise invalid("conversation must be 8 to 64 characters of [A-Za-z0-9_-]")
+    return value
 
 
 def identify_request(data: bytes, keys: Keys, limits: Limits) -> str | None:
@@ -124,6 +177,8 @@ def encode_event(event: Event) -> bytes:
     body: dict[str, Any] = {"v": PROTOCOL_VERSION, "n": event.n}
     if isinstance(event, TokenEvent):
         body.update(type="token", text=event.text, tokens=list(event.tokens))
+    elif isinstance(event, ResultEvent):
+        body.update(type="result", data=event.data)
     elif isinstance(event, DoneEvent):
         body.update(
             type="done",
@@ -154,6 +209,8 @@ def decode_event(data: bytes) -> Event:
             )
         if kind == "error":
             return ErrorEvent(n=n, code=_error_code(body["code"]), message=str(body["message"]))
+        if kind == "result":
+            return ResultEvent(n=n, data=dict(body["data"]))
     except (KeyError, TypeError, ValueError, msgpack.UnpackException) as exc:
         raise ProtocolError(ErrorCode.INTERNAL, f"malformed event from worker: {exc}") from exc
     raise ProtocolError(ErrorCode.INTERNAL, f"unknown event type {kind!r}")

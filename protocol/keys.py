@@ -57,6 +57,10 @@ class Keys:
         """The key whose existence asks the worker to stop a request."""
         return f"{self.prefix}:{{c:{client_id}}}:cancel:{request_id}"
 
+    def conversation(self, conversation_id: str) -> str:
+        """The hash that holds a named conversation's history, under the conversation's own hash tag."""
+        return f"{self.prefix}:{{v:{conversation_id}}}:conversation"
+
     def wake(self, client_id: str) -> str:
         """A client's own stream, written to wake its blocked XREAD when it starts a new request."""
         return f"{self.prefix}:{{c:{client_id}}}:wake"

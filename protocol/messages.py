@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from .errors import ErrorCode
 
@@ -11,10 +12,12 @@ PROTOCOL_VERSION = 1
 
 
 class RequestKind(StrEnum):
-    """What the prompt of a request is: a chat to render with the model's template, or raw text."""
+    """What a request carries: a chat to render with the model's template, raw text, or an operation on a
+    stored conversation."""
 
     CHAT = "chat"
     COMPLETION = "completion"
+    OP = "op"
 
 
 class FinishReason(StrEnum):
@@ -55,6 +58,28 @@ class SamplingParams:
         return self.temperature <= 0.0
 
 
+class ConversationOp(StrEnum):
+    """What an `op` request does to a conversation."""
+
+    GET = "get"
+    REWIND = "rewind"
+    DELETE = "delete"
+    FORK = "fork"
+
+
+@dataclass(frozen=True)
+class ConversationCommand:
+    """An operation on a stored conversation, carried by a request of kind `op`."""
+
+    op: ConversationOp
+    to_message: int | None = None
+    """rewind: keep the first `to_message` messages of a chat."""
+    drop_tokens: int | None = None
+    """rewind: drop the last `drop_tokens` tokens of a completion conversation."""
+    into: str | None = None
+    """fork: the id of the new conversation, which starts as a copy of this one."""
+
+
 @dataclass(frozen=True)
 class Request:
     """One generation request as it travels on the request stream."""
@@ -69,6 +94,12 @@ class Request:
     """Absolute Unix time in seconds after which the request is worthless to the client."""
     created: float = 0.0
     """Unix time in seconds at which the client sent the request."""
+    conversation: str | None = None
+    """A named conversation: the worker keeps its history in Redis and its KV between turns."""
+    append: bool = False
+    """With a conversation: messages (or prompt) continue the stored history instead of repeating it."""
+    command: ConversationCommand | None = None
+    """Kind `op` only: what to do to the conversation."""
 
     @property
     def key(self) -> str:
@@ -127,5 +158,13 @@ class ErrorEvent:
     message: str
 
 
-Event = TokenEvent | DoneEvent | ErrorEvent
-FinalEvent = DoneEvent | ErrorEvent
+@dataclass(frozen=True)
+class ResultEvent:
+    """The final event of an `op` request: what the conversation holds after the operation."""
+
+    n: int
+    data: dict[str, Any]
+
+
+Event = TokenEvent | DoneEvent | ErrorEvent | ResultEvent
+FinalEvent = DoneEvent | ErrorEvent | ResultEvent

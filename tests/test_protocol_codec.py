@@ -9,10 +9,13 @@ import pytest
 
 from llamaq.protocol import (
     ChatMessage,
+    ConversationCommand,
+    ConversationOp,
     DoneEvent,
     ErrorCode,
     ErrorEvent,
     FinishReason,
+    History,
     Keys,
     Limits,
     ProtocolError,
@@ -23,8 +26,10 @@ from llamaq.protocol import (
     TokenEvent,
     Usage,
     decode_event,
+    decode_history,
     decode_request,
     encode_event,
+    encode_history,
     encode_request,
     identify_request,
 )
@@ -151,3 +156,54 @@ def test_invalid_entry_with_valid_ids_can_still_be_answered() -> None:
 )
 def test_event_round_trip(event: TokenEvent | DoneEvent | ErrorEvent) -> None:
     assert decode_event(encode_event(event)) == event
+
+
+def test_conversation_fields_round_trip() -> None:
+    turn = chat_request(conversation="conv-0001", append=True)
+    assert decode_request(encode_request(turn, KEYS), KEYS, LIMITS) == turn
+    fork = chat_request(
+        kind=RequestKind.OP,
+        messages=(),
+        conversation="conv-0001",
+        command=ConversationCommand(ConversationOp.FORK, into="conv-0002"),
+    )
+    assert decode_request(encode_request(fork, KEYS), KEYS, LIMITS) == fork
+
+
+def op_wire(**fields: Any) -> bytes:
+    body = msgpack.unpackb(encode_request(chat_request(), KEYS), raw=False)
+    body.pop("messages")
+    body.update({"kind": "op", "conversation": "conv-0001", **fields})
+    return msgpack.packb({k: v for k, v in body.items() if v is not None}, use_bin_type=True)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(op_wire(op="explode"), id="unknown-op"),
+        pytest.param(op_wire(op="rewind"), id="rewind-without-target"),
+        pytest.param(op_wire(op="rewind", to_message=1, drop_tokens=2), id="rewind-with-both"),
+        pytest.param(op_wire(op="rewind", to_message=-1), id="negative-message"),
+        pytest.param(op_wire(op="rewind", drop_tokens=0), id="zero-tokens"),
+        pytest.param(op_wire(op="fork"), id="fork-without-into"),
+        pytest.param(op_wire(op="fork", into="{bad}"), id="fork-into-bad-id"),
+        pytest.param(op_wire(op="get", into="conv-0002"), id="into-without-fork"),
+        pytest.param(op_wire(op="get", conversation=None), id="op-without-conversation"),
+        pytest.param(op_wire(op="get", prompt="x"), id="op-with-prompt"),
+        pytest.param(wire(conversation="no"), id="short-conversation-id"),
+        pytest.param(wire(append=True), id="append-without-conversation"),
+        pytest.param(wire(append="yes", conversation="conv-0001"), id="append-not-bool"),
+        pytest.param(wire(op="get"), id="op-field-on-chat"),
+    ],
+)
+def test_malformed_conversation_request_is_invalid_request(data: bytes) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        decode_request(data, KEYS, LIMITS)
+    assert caught.value.code is ErrorCode.INVALID_REQUEST
+
+
+def test_history_round_trip() -> None:
+    history = History(kind=RequestKind.CHAT, messages=(ChatMessage("user", "hi"),), tokens=(1, 2, 3))
+    fields = {k.encode(): v for k, v in encode_history(history).items()}
+    assert decode_history(fields) == history
+    assert decode_history({}) is None

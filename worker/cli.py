@@ -41,6 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--prefix", default="llamaq", help="key prefix")
     worker.add_argument("--queue", default="default", help="queue name (one request stream per queue)")
     worker.add_argument(
+        "--conversation-ttl",
+        type=int,
+        default=7 * 24 * 3600,
+        help="seconds a named conversation's history lives in Redis after its last turn",
+    )
+    worker.add_argument(
         "--drain-timeout",
         type=float,
         default=30.0,
@@ -157,6 +163,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         prefix=args.prefix,
         queue=args.queue,
         drain_timeout_s=args.drain_timeout,
+        conversation_ttl_s=args.conversation_ttl,
     )
     return run_worker(settings)
 

@@ -165,6 +165,14 @@ class Engine:
             return buffer.raw[:n]
         return self._piece_buffer.raw[:n]
 
+    def detokenize(self, tokens: SequenceOf[int]) -> str:
+        """The text of a token list, special tokens written out (so it tokenizes back the same)."""
+        pieces = []
+        for token in tokens:
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buffer, len(self._piece_buffer), 0, True)
+            pieces.append(self._piece_buffer.raw[: max(n, 0)])
+        return b"".join(pieces).decode("utf-8", errors="replace")
+
     def is_end_of_generation(self, token: int) -> bool:
         """True for EOS, EOT and the other tokens after which the model has nothing more to say."""
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))

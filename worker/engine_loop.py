@@ -20,6 +20,7 @@ from llamaq.protocol import (
     ErrorEvent,
     Event,
     FinishReason,
+    History,
     ProtocolError,
     Request,
     RequestKind,
@@ -28,6 +29,7 @@ from llamaq.protocol import (
     Usage,
 )
 
+from .conversations import next_history
 from .engine import BatchSlice, DecodeError, Engine
 from .kv_cache import KvCache
 from .scheduler import Chunk, Scheduler
@@ -42,10 +44,12 @@ _IDLE_WAIT_S = 0.5
 
 @dataclass(frozen=True)
 class Outgoing:
-    """One event for one request (by Request.key); `final` marks the request's last event."""
+    """One event for one request (by Request.key); `final` marks the request's last event. A final event of a
+    named conversation's turn carries the conversation's new history, written before the event."""
 
     request_key: str
     event: Event
+    history: tuple[str, History] | None = None
 
     @property
     def final(self) -> bool:
@@ -75,12 +79,17 @@ class _Cancel:
 
 
 @dataclass(frozen=True)
+class _Forget:
+    conversation: str
+
+
+@dataclass(frozen=True)
 class _Stop:
     drain_deadline: float
     """time.monotonic() after which sequences still running are cancelled."""
 
 
-_Command = _Submit | _Cancel | _Stop
+_Command = _Submit | _Cancel | _Forget | _Stop
 Emit = Callable[[list[Outgoing], StepStats | None], None]
 
 
@@ -111,6 +120,10 @@ class EngineLoop:
     def cancel(self, request_key: str) -> None:
         """Stop a request (by Request.key) at the next step; it ends with a done event, finish_reason cancelled."""
         self._inbox.put(_Cancel(request_key))
+
+    def forget(self, conversation: str) -> None:
+        """Drop the cached KV of a deleted conversation."""
+        self._inbox.put(_Forget(conversation))
 
     def stop(self, drain_timeout_s: float) -> None:
         """Finish what is in flight, cancelling whatever still runs after drain_timeout_s, then end the loop."""
@@ -179,6 +192,9 @@ class EngineLoop:
             sequence = self._by_key.get(command.request_key)
             if sequence is not None:
                 self._finish(sequence, FinishReason.CANCELLED, out)
+        elif isinstance(command, _Forget):
+            for seq_id in self.kv.forget(command.conversation):
+                self.engine.free_sequence(seq_id)
         else:
             self._stop = command
 
@@ -284,6 +300,7 @@ class EngineLoop:
             return
         sequence.generated.append(token)
         text = sequence.text.push(self.engine.token_bytes(token))
+        sequence.reply.append(text)
         out.append(Outgoing(sequence.key, TokenEvent(n=sequence.take_event_number(), text=text, tokens=(token,))))
         if sequence.text.stopped:
             self._finish(sequence, FinishReason.STOP, out)
@@ -293,9 +310,16 @@ class EngineLoop:
     def _finish(self, sequence: Sequence, reason: FinishReason, out: list[Outgoing]) -> None:
         tail = sequence.text.finish()
         if tail:
+            sequence.reply.append(tail)
             out.append(Outgoing(sequence.key, TokenEvent(n=sequence.take_event_number(), text=tail, tokens=())))
         self._release(sequence)
-        out.append(Outgoing(sequence.key, self._done_event(sequence, reason)))
+        request = sequence.request
+        history = None
+        # A cancelled turn is not part of the conversation: the client never accepted its reply.
+        if request.conversation is not None and reason is not FinishReason.CANCELLED:
+            tokens = sequence.prompt_tokens + sequence.generated
+            history = (request.conversation, next_history(request, "".join(sequence.reply), tokens))
+        out.append(Outgoing(sequence.key, self._done_event(sequence, reason), history))
 
     def _fail(self, sequence: Sequence, error: ProtocolError, out: list[Outgoing]) -> None:
         # After an internal error the sequence's cells may not match its tokens: never reuse them.

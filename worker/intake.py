@@ -14,14 +14,19 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from llamaq.protocol import (
     REQUEST_FIELD,
+    ConversationOp,
     ErrorCode,
     Keys,
     Limits,
     ProtocolError,
+    Request,
+    RequestKind,
+    ResultEvent,
     decode_request,
     identify_request,
 )
 
+from .conversations import ConversationStore
 from .engine_loop import EngineLoop, cancelled_before_start
 from .in_flight import InFlight, Ticket
 from .publisher import Publisher
@@ -45,7 +50,9 @@ class Intake:
         in_flight: InFlight,
         engine_loop: EngineLoop,
         publisher: Publisher,
+        conversations: ConversationStore,
     ) -> None:
+        self._conversations = conversations
         self._redis = redis
         self._keys = keys
         self._consumer = consumer
@@ -122,5 +129,24 @@ class Intake:
         if await self._redis.exists(cancel_key):
             await self._publisher.answer(entry_id, reply_key, cancelled_before_start())
             return
+        if request.kind is RequestKind.OP:
+            await self._run_op(entry_id, reply_key, request)
+            return
+        try:
+            request = await self._conversations.resolve(request)
+        except ProtocolError as exc:
+            await self._publisher.reject(entry_id, reply_key, exc)
+            return
         self._in_flight.add(Ticket(request.key, entry_id, reply_key, cancel_key))
         self._engine_loop.submit(request, received_at)
+
+    async def _run_op(self, entry_id: bytes, reply_key: str, request: Request) -> None:
+        try:
+            result = await self._conversations.run(request)
+        except ProtocolError as exc:
+            await self._publisher.reject(entry_id, reply_key, exc)
+            return
+        assert request.command is not None and request.conversation is not None
+        if request.command.op is ConversationOp.DELETE:
+            self._engine_loop.forget(request.conversation)
+        await self._publisher.answer(entry_id, reply_key, ResultEvent(n=0, data=result))

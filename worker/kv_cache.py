@@ -37,6 +37,8 @@ class Allocation:
 class _Idle:
     tokens: list[int]
     last_used: int
+    owner: str | None
+    """The named conversation whose KV this is, if any."""
 
 
 @dataclass
@@ -81,18 +83,24 @@ class KvCache:
         """True when a prompt and the tokens it may generate fit in one sequence's window."""
         return n_prompt + max_tokens <= self.window
 
-    def admit(self, prompt: SequenceOf[int], running: Mapping[int, SequenceOf[int]] | None = None) -> Allocation | None:
+    def admit(
+        self,
+        prompt: SequenceOf[int],
+        running: Mapping[int, SequenceOf[int]] | None = None,
+        owner: str | None = None,
+    ) -> Allocation | None:
         """An id for a request with this prompt, reusing the longest prefix any sequence holds; None when every
-        id runs. `running` maps running sequence ids to the tokens they have computed.
+        id runs. `running` maps running sequence ids to the tokens they have computed; `owner` names the
+        request's conversation.
 
-        A conversation's own idle sequence is continued in place. A prefix shared with another sequence (a
-        system prompt, a branch) is copied into a fresh id when there is one, so the source keeps its history;
-        otherwise an idle source is taken over and cut back.
+        A conversation's own idle sequence (or an anonymous one it extends) is continued in place. A prefix
+        shared with another sequence (a system prompt, a branch) is copied into a fresh id when there is one,
+        so the source keeps its history; otherwise an idle source is taken over and cut back.
         """
         source, shared = self._longest_prefix(prompt, running or {}) if self.prefix_cache else (None, 0)
         # At least the last prompt token is computed again: its logits give the first new token.
         n_cached = min(shared, len(prompt) - 1)
-        if source is not None and source in self._idle and shared == len(self._idle[source].tokens):
+        if source is not None and source in self._idle and self._continues(self._idle[source], shared, owner):
             del self._idle[source]
             return self._run(source, n_cached)
         if source is not None and shared >= MIN_COPY_TOKENS:
@@ -105,20 +113,38 @@ class KvCache:
         fresh = self._fresh_id(keep=None)
         return None if fresh is None else self._run(fresh, 0)
 
-    def park(self, seq_id: int, tokens: SequenceOf[int]) -> bool:
+    def park(self, seq_id: int, tokens: SequenceOf[int], owner: str | None = None) -> bool:
         """A running sequence ended with `tokens` in its KV; keep it for reuse. False: clear it and free()."""
         self._check_running(seq_id)
         if not self.prefix_cache or not tokens:
             return False
         self._running.discard(seq_id)
-        self._idle[seq_id] = _Idle(list(tokens), next(self._clock))
+        self._idle[seq_id] = _Idle(list(tokens), next(self._clock), owner)
         return True
+
+    def owned_by(self, owner: str) -> list[int]:
+        """Idle sequences that hold a named conversation's KV."""
+        return [seq_id for seq_id, idle in self._idle.items() if idle.owner == owner]
+
+    def forget(self, owner: str) -> list[int]:
+        """Free the idle sequences of a deleted conversation; the caller clears their cells."""
+        ids = self.owned_by(owner)
+        for seq_id in ids:
+            del self._idle[seq_id]
+            self._free.append(seq_id)
+        return ids
 
     def free(self, seq_id: int) -> None:
         """Return a running sequence's id to the pool; its cells must already be cleared."""
         self._check_running(seq_id)
         self._running.discard(seq_id)
         self._free.append(seq_id)
+
+    @staticmethod
+    def _continues(idle: _Idle, shared: int, owner: str | None) -> bool:
+        """True when a request simply goes on from an idle sequence: all of it is the request's prefix, and it
+        belongs to the request's conversation or to none."""
+        return shared == len(idle.tokens) and idle.owner in (None, owner)
 
     def _longest_prefix(
         self, prompt: SequenceOf[int], running: Mapping[int, SequenceOf[int]]

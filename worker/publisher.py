@@ -14,6 +14,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from llamaq.protocol import EVENT_FIELD, ErrorEvent, FinalEvent, Keys, ProtocolError, encode_event
 
+from .conversations import ConversationStore
 from .engine_loop import EngineLoop, Outgoing, StepStats
 from .in_flight import InFlight, Ticket
 
@@ -32,8 +33,11 @@ class _Batch:
 class Publisher:
     """Writes what the engine loop emits, in order, and feeds cancels found in Redis back to it."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, in_flight: InFlight, reply_ttl_s: int) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, keys: Keys, in_flight: InFlight, reply_ttl_s: int, conversations: ConversationStore
+    ) -> None:
         self._redis = redis
+        self._conversations = conversations
         self._keys = keys
         self._in_flight = in_flight
         self._reply_ttl_s = reply_ttl_s
@@ -78,24 +82,18 @@ class Publisher:
         await self._execute(build)
 
     async def _publish(self, outgoing: list[Outgoing]) -> None:
-        writes: list[tuple[str, bytes]] = []
-        finished: list[Ticket] = []
-        touched: dict[str, int] = {}
-        for item in outgoing:
-            ticket = self._in_flight.get(item.request_key)
-            if ticket is None:
-                log.warning("event for unknown request %s dropped", item.request_key)
-                continue
-            writes.append((ticket.reply_key, encode_event(item.event)))
-            touched[ticket.reply_key] = self._reply_ttl_s if item.final else _RUNNING_TTL_S
-            if item.final:
-                finished.append(ticket)
+        addressed = self._address(outgoing)
+        finished = [ticket for ticket, item in addressed if item.final]
         finished_ids = {t.request_key for t in finished}
         watched = [t for t in self._in_flight if t.request_key not in finished_ids and not t.cancel_sent]
+        touched = {t.reply_key: self._reply_ttl_s if i.final else _RUNNING_TTL_S for t, i in addressed}
 
         def build(pipe: Pipeline) -> None:
-            for key, data in writes:
-                pipe.xadd(key, {EVENT_FIELD: data})
+            for ticket, item in addressed:
+                if item.history is not None:
+                    # Before the final event: a client that starts the next turn on seeing it finds the history.
+                    self._conversations.save(pipe, *item.history)
+                pipe.xadd(ticket.reply_key, {EVENT_FIELD: encode_event(item.event)})
             for key, ttl in touched.items():
                 pipe.expire(key, ttl)
             for ticket in finished:
@@ -111,6 +109,17 @@ class Publisher:
             if found and self.engine_loop is not None:
                 ticket.cancel_sent = True
                 self.engine_loop.cancel(ticket.request_key)
+
+    def _address(self, outgoing: list[Outgoing]) -> list[tuple[Ticket, Outgoing]]:
+        """Each event with the ticket of its request, in order."""
+        addressed = []
+        for item in outgoing:
+            ticket = self._in_flight.get(item.request_key)
+            if ticket is None:
+                log.warning("event for unknown request %s dropped", item.request_key)
+            else:
+                addressed.append((ticket, item))
+        return addressed
 
     def _ack(self, pipe: Pipeline, entry_id: bytes) -> None:
         # One consumer group reads this stream, so an acked entry is garbage: deleting it keeps the stream

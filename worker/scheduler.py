@@ -87,7 +87,8 @@ class Scheduler:
             self.running.remove(sequence)
             seq_id = sequence.seq_id
             assert seq_id is not None
-            if not (keep_cache and self.kv.park(seq_id, sequence.computed_tokens())):
+            owner = sequence.request.conversation
+            if not (keep_cache and self.kv.park(seq_id, sequence.computed_tokens(), owner)):
                 self.kv.free(seq_id)
                 to_clear = seq_id
             sequence.seq_id = None
@@ -102,7 +103,7 @@ class Scheduler:
             if self._prefix_in_progress(sequence):
                 continue
             computed = {s.seq_id: s.computed_tokens() for s in self.running if s.seq_id is not None}
-            allocation = self.kv.admit(sequence.prompt_tokens, computed)
+            allocation = self.kv.admit(sequence.prompt_tokens, computed, sequence.request.conversation)
             if allocation is None:
                 break
             self.waiting.remove(sequence)

@@ -41,6 +41,8 @@ class Sequence:
     sampler: SamplerHandle | None = None
     status: Status = Status.WAITING
     text: TextStream = field(default_factory=TextStream)
+    reply: list[str] = field(default_factory=list)
+    """Every text delta sent to the client, in order."""
     next_event: int = 0
     admitted_at: float | None = None
     first_token_at: float | None = None

@@ -12,6 +12,7 @@ from typing import TextIO
 
 import redis.asyncio as aioredis
 
+from .conversations import ConversationStore
 from .embedded_valkey import EmbeddedValkey
 from .engine import Engine
 from .engine_loop import EngineLoop
@@ -62,7 +63,16 @@ class Worker:
         settings = self.settings
         redis = aioredis.Redis.from_url(url, health_check_interval=30)
         in_flight = InFlight()
-        publisher = Publisher(redis, settings.keys, in_flight, settings.reply_ttl_s)
+
+        async def detokenize(tokens: list[int]) -> str:
+            def run() -> str:
+                with engine.lock:
+                    return engine.detokenize(tokens)
+
+            return await asyncio.to_thread(run)
+
+        conversations = ConversationStore(redis, settings.keys, settings.conversation_ttl_s, detokenize)
+        publisher = Publisher(redis, settings.keys, in_flight, settings.reply_ttl_s, conversations)
         engine_loop = EngineLoop(engine, settings.n_batch, publisher.emit_threadsafe, settings.prefix_cache)
         publisher.engine_loop = engine_loop
         self.engine_loop = engine_loop
@@ -75,6 +85,7 @@ class Worker:
             in_flight,
             engine_loop,
             publisher,
+            conversations,
         )
         try:
             await intake.join_group()

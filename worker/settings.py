@@ -51,6 +51,8 @@ class WorkerSettings:
     drain_timeout_s: float = 30.0
     reply_ttl_s: int = 600
     """How long a reply stream lives after its last event, for clients that read late."""
+    conversation_ttl_s: int = 7 * 24 * 3600
+    """How long a named conversation's history lives in Redis after its last turn."""
     limits: Limits = field(default_factory=Limits)
 
     @property

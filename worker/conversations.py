@@ -1,0 +1,110 @@
+"""Named conversations in Redis: read a history to extend it, write it back after a turn, run operations.
+
+Redis holds the truth (messages or text, and the last turn's token ids, with a TTL the operator sets), so a
+conversation outlives its KV: a worker that no longer caches it rebuilds it by prefill.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+
+from llamaq.protocol import (
+    ChatMessage,
+    ConversationOp,
+    History,
+    Keys,
+    Request,
+    RequestKind,
+    decode_history,
+    encode_history,
+)
+from llamaq.protocol.errors import invalid
+
+Detokenize = Callable[[list[int]], Awaitable[str]]
+
+
+class ConversationStore:
+    """Conversation histories under one key prefix."""
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys, ttl_s: int, detokenize: Detokenize) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._ttl_s = ttl_s
+        self._detokenize = detokenize
+
+    async def load(self, conversation: str) -> History | None:
+        """The stored history, or None for an unknown (or expired) conversation."""
+        fields: dict[bytes, bytes] = await self._redis.hgetall(self._keys.conversation(conversation))  # type: ignore[assignment]
+        return decode_history(fields)
+
+    async def resolve(self, request: Request) -> Request:
+        """The request with its whole history: an `append` turn gets the stored messages or text in front."""
+        if request.conversation is None or not request.append:
+            return request
+        history = await self.load(request.conversation)
+        if history is None:
+            # A first turn sent in the append form: there is nothing to continue yet.
+            return replace(request, append=False)
+        if history.kind is not request.kind:
+            raise invalid(f"conversation {request.conversation} is a {history.kind.value} conversation")
+        if request.kind is RequestKind.CHAT:
+            return replace(request, messages=history.messages + request.messages, append=False)
+        return replace(request, prompt=history.text + request.prompt, append=False)
+
+    def save(self, pipe: Pipeline, conversation: str, history: History) -> None:
+        """Queue the write of a turn's history (and its TTL) on a pipeline."""
+        key = self._keys.conversation(conversation)
+        pipe.delete(key)
+        pipe.hset(key, mapping=encode_history(history))  # type: ignore[arg-type]
+        pipe.expire(key, self._ttl_s)
+
+    async def run(self, request: Request) -> dict[str, Any]:
+        """Carry out an `op` request; the map its result event carries. ProtocolError for what cannot be done."""
+        command, conversation = request.command, request.conversation
+        assert command is not None and conversation is not None
+        history = await self.load(conversation)
+        if history is None:
+            raise invalid(f"unknown conversation {conversation}")
+        if command.op is ConversationOp.GET:
+            return history.summary(conversation)
+        if command.op is ConversationOp.DELETE:
+            await self._redis.delete(self._keys.conversation(conversation))
+            return {"conversation": conversation, "deleted": True}
+        if command.op is ConversationOp.FORK:
+            assert command.into is not None
+            if await self._redis.exists(self._keys.conversation(command.into)):
+                raise invalid(f"conversation {command.into} already exists")
+            await self._write(command.into, history)
+            return history.summary(command.into)
+        rewound = await self._rewind(history, command.to_message, command.drop_tokens)
+        await self._write(conversation, rewound)
+        return rewound.summary(conversation)
+
+    async def _rewind(self, history: History, to_message: int | None, drop_tokens: int | None) -> History:
+        if history.kind is RequestKind.CHAT:
+            if to_message is None:
+                raise invalid("a chat is rewound to a message (to_message); drop_tokens is for completions")
+            # Token ids no longer match the shortened chat; the next turn re-renders and re-tokenizes it.
+            return History(kind=history.kind, messages=history.messages[:to_message])
+        if drop_tokens is None:
+            raise invalid("a completion conversation is rewound by tokens (drop_tokens)")
+        kept = list(history.tokens[: max(len(history.tokens) - drop_tokens, 0)])
+        return History(kind=history.kind, text=await self._detokenize(kept), tokens=tuple(kept))
+
+    async def _write(self, conversation: str, history: History) -> None:
+        pipe = self._redis.pipeline(transaction=True)
+        self.save(pipe, conversation, history)
+        await pipe.execute()
+
+
+def next_history(request: Request, reply_text: str, tokens: list[int]) -> History:
+    """A conversation's history after a turn: the request's whole history plus what was generated."""
+    if request.kind is RequestKind.CHAT:
+        messages = (*request.messages, ChatMessage("assistant", reply_text))
+        return History(kind=RequestKind.CHAT, messages=messages, tokens=tuple(tokens))
+    return History(kind=RequestKind.COMPLETION, text=request.prompt + reply_text, tokens=tuple(tokens))
