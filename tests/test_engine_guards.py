@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from llamaq.protocol import ChatMessage, SamplingParams
-from llamaq.worker.engine import BatchSlice, Engine, EngineConfig
+from llamaq.worker.engine import BatchSlice, DecodeError, Engine, EngineConfig
 
 pytestmark = pytest.mark.slow
 
@@ -56,3 +56,19 @@ def test_decode_and_free_leave_the_cache_empty(engine: Engine) -> None:
         engine.free_sampler(sampler)
         engine.free_sequence(1)
     assert engine.sequence_length(1) == 0
+
+
+def test_no_kv_slot_is_a_decode_error_and_the_context_survives(model_path: Path) -> None:
+    """llama_decode returns 1 when a batch does not fit; nothing is kept and the context goes on working."""
+    small = Engine(EngineConfig(model_path=model_path, n_ctx=256, n_seq_max=1, n_batch=256, n_threads=2))
+    try:
+        small.decode([BatchSlice(seq_id=0, tokens=[1] * 200, start_pos=0, sample=False)])
+        with pytest.raises(DecodeError) as caught:
+            small.decode([BatchSlice(seq_id=0, tokens=[1] * 100, start_pos=200, sample=False)])
+        assert caught.value.status == 1
+        assert small.sequence_length(0) == 200
+        small.free_sequence(0)
+        small.decode([BatchSlice(seq_id=0, tokens=[1] * 100, start_pos=0, sample=False)])
+        assert small.sequence_length(0) == 100
+    finally:
+        small.close()

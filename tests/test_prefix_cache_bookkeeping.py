@@ -94,3 +94,12 @@ def test_common_prefix_length() -> None:
     assert common_prefix_length([1, 2, 3], [1, 2, 4]) == 2
     assert common_prefix_length([], [1]) == 0
     assert common_prefix_length([1, 2], [1, 2]) == 2
+
+
+def test_evicting_every_idle_sequence_frees_their_ids() -> None:
+    kv = KvCache(n_seq_max=3, window=100)
+    allocations = [kv.admit([i, i]) for i in range(3)]
+    for allocation in allocations[:2]:
+        assert allocation is not None and kv.park(allocation.seq_id, [7, 7, 7])
+    assert sorted(kv.evict_idle()) == sorted(a.seq_id for a in allocations[:2] if a is not None)
+    assert kv.cells_held() == {} and kv.n_used == 1 and kv.n_free == 2

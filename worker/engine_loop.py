@@ -104,6 +104,8 @@ class EngineLoop:
         self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._by_key: dict[str, Sequence] = {}
         self._stop: _Stop | None = None
+        self.decode_retries = 0
+        """Decodes retried after llama.cpp found no KV slot (each after evicting every idle sequence)."""
         self._thread: threading.Thread | None = None
 
     # --- called from other threads ------------------------------------------------------------------------
@@ -257,7 +259,7 @@ class EngineLoop:
             if chunk.sequence.seq_id is not None
         ]
         try:
-            indices = self.engine.decode(slices)
+            indices = self._decode(slices)
         except DecodeError as exc:
             log.error("decode failed (%s) for %d sequences", exc, len(plan))
             for chunk in plan:
@@ -281,6 +283,24 @@ class EngineLoop:
             log.warning("llama.cpp refused to truncate sequence %d; recomputing its prompt", sequence.seq_id)
             self.engine.free_sequence(sequence.seq_id)
             sequence.n_computed = sequence.cached_tokens = 0
+
+    def _decode(self, slices: list[BatchSlice]) -> list[int]:
+        """One llama_decode; on "no KV slot" (status 1, nothing kept) free every idle sequence and retry once."""
+        try:
+            return self.engine.decode(slices)
+        except DecodeError as exc:
+            if exc.status != 1:
+                raise
+            self.decode_retries += 1
+            evicted = self.kv.evict_idle()
+            log.warning(
+                "no KV slot for a batch of %d tokens; evicted %d idle sequences and retrying",
+                sum(len(s.tokens) for s in slices),
+                len(evicted),
+            )
+            for seq_id in evicted:
+                self.engine.free_sequence(seq_id)
+            return self.engine.decode(slices)
 
     def _sample(self, plan: list[Chunk], indices: list[int]) -> list[tuple[Chunk, int]]:
         sampled = []

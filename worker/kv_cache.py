@@ -122,6 +122,13 @@ class KvCache:
         self._idle[seq_id] = _Idle(list(tokens), next(self._clock), owner)
         return True
 
+    def evict_idle(self) -> list[int]:
+        """Free every idle sequence (llama.cpp found no room); the caller clears their cells."""
+        ids = list(self._idle)
+        self._idle.clear()
+        self._free.extend(ids)
+        return ids
+
     def owned_by(self, owner: str) -> list[int]:
         """Idle sequences that hold a named conversation's KV."""
         return [seq_id for seq_id, idle in self._idle.items() if idle.owner == owner]
