@@ -22,8 +22,8 @@ demo: install
 	$(VENV)/bin/llamaq demo
 
 lint: install
-	$(VENV)/bin/ruff check protocol worker client tests
-	$(VENV)/bin/ruff format --check protocol worker client tests
+	$(VENV)/bin/ruff check protocol worker client tests bench
+	$(VENV)/bin/ruff format --check protocol worker client tests bench
 
 # mypy resolves llamaq.* through a tree of links, since the three folders install under one package name.
 typecheck: install
@@ -44,3 +44,4 @@ clean:
 bench: install
 	$(PY) bench/layouts.py
 	$(PY) bench/shared_prefix.py
+	$(PY) bench/conversation_turns.py

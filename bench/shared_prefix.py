@@ -58,7 +58,12 @@ async def bytes_per_cell(settings: WorkerSettings, url: str) -> tuple[int, float
 async def measure(url: str, unified: bool, reuse: bool) -> dict[str, float]:
     prefix = f"sp{int(unified)}{int(reuse)}"
     settings = WorkerSettings(
-        redis_url=url, n_ctx=16 * 1280, parallel=16, n_batch=512, kv_unified=unified, prefix_cache=reuse,
+        redis_url=url,
+        n_ctx=16 * 1280,
+        parallel=16,
+        n_batch=512,
+        kv_unified=unified,
+        prefix_cache=reuse,
         prefix=prefix,
     )
     empty, per_cell = await bytes_per_cell(settings, url) if unified else (0, 0.0)
@@ -67,11 +72,16 @@ async def measure(url: str, unified: bool, reuse: bool) -> dict[str, float]:
     assert loop is not None
     decoded_before = loop.engine.tokens_decoded
     async with Client.from_url(url, prefix=prefix) as client:
-        results = await asyncio.gather(*(
-            client.chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}],
-                        max_tokens=MAX_TOKENS, temperature=0)
-            for q in QUESTIONS
-        ))
+        results = await asyncio.gather(
+            *(
+                client.chat(
+                    [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}],
+                    max_tokens=MAX_TOKENS,
+                    temperature=0,
+                )
+                for q in QUESTIONS
+            )
+        )
     await asyncio.sleep(0.2)
     with loop.engine.lock:
         generated = sum(r.usage.completion_tokens for r in results)

@@ -166,7 +166,16 @@ class Engine:
         return self._piece_buffer.raw[:n]
 
     def detokenize(self, tokens: SequenceOf[int]) -> str:
-        """The text of a token list, special tokens written out (so it tokenizes back the same)."""
+        """The text of a token list, special tokens written out (so it tokenizes back the same).
+
+        A leading BOS the tokenizer adds by itself is left out, or tokenizing the text again would double it.
+        """
+        if (
+            tokens
+            and llama_cpp.llama_vocab_get_add_bos(self._vocab)
+            and tokens[0] == llama_cpp.llama_vocab_bos(self._vocab)
+        ):
+            tokens = tokens[1:]
         pieces = []
         for token in tokens:
             n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buffer, len(self._piece_buffer), 0, True)
