@@ -103,3 +103,18 @@ def test_evicting_every_idle_sequence_frees_their_ids() -> None:
         assert allocation is not None and kv.park(allocation.seq_id, [7, 7, 7])
     assert sorted(kv.evict_idle()) == sorted(a.seq_id for a in allocations[:2] if a is not None)
     assert kv.cells_held() == {} and kv.n_used == 1 and kv.n_free == 2
+
+
+def test_ids_evicted_for_an_admission_that_then_fails_are_still_reported() -> None:
+    """Found by the unified soak: evictions made while trying to admit leaked their cells when admission failed."""
+    kv = KvCache(n_seq_max=3, window=100, n_cells=100)
+    big = kv.admit(list(range(60)))
+    small = kv.admit([500, 501])
+    assert big is not None and small is not None
+    kv.resize(big.seq_id, 60)
+    kv.resize(small.seq_id, 2)
+    assert kv.park(small.seq_id, [500, 501])
+    kv.take_evicted()
+    assert kv.admit([900 + i for i in range(50)]) is None  # 60 running + 50 new > 100, even after evicting
+    assert kv.take_evicted() == [small.seq_id]
+    assert kv.cells_in_use() == 60

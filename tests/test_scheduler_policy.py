@@ -23,6 +23,8 @@ def run_plan(scheduler: Scheduler) -> list[tuple[Sequence, int]]:
     for chunk in plan:
         wants_token = chunk.completes_input
         chunk.sequence.n_computed += len(chunk.tokens)
+        assert chunk.sequence.seq_id is not None
+        scheduler.kv.resize(chunk.sequence.seq_id, chunk.sequence.n_computed)
         if wants_token:
             chunk.sequence.generated.append(7)
     return [(c.sequence, len(c.tokens)) for c in plan]
@@ -117,3 +119,52 @@ def test_a_request_sharing_a_prefix_being_prefilled_waits_to_copy_it() -> None:
     plan = scheduler.schedule()
     assert second in plan.admitted
     assert second.copy_from == first.seq_id and second.n_computed == 39
+
+
+def test_unified_layout_preempts_the_latest_admitted_when_cells_run_out() -> None:
+    kv = KvCache(n_seq_max=3, window=64, n_cells=64)
+    scheduler = Scheduler(kv, token_budget=64)
+    first, second = make_sequence(20, "a"), make_sequence(20, "b")
+    second.prompt_tokens = [100 + t for t in range(20)]
+    for sequence in (first, second):
+        sequence.max_tokens = 40
+        scheduler.add(sequence)
+    run_plan(scheduler)
+    assert kv.cells_in_use() == 40 and first.generated and second.generated
+    while second.status is not Status.WAITING:
+        run_plan(scheduler)
+        assert kv.cells_in_use() <= 64
+    # The latest admitted went back to the head of the queue with what it generated; the first goes on.
+    assert scheduler.preemptions == 1 and second.n_computed == 0 and second.seq_id is None
+    assert scheduler.waiting[0] is second and len(second.generated) > 1
+    kept = list(second.generated)
+    scheduler.release(first, keep_cache=False)
+    plan = scheduler.schedule()
+    assert second in plan.admitted and second.generated == kept
+    assert plan.chunks[0].tokens == second.all_tokens()[: len(plan.chunks[0].tokens)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    n_seq_max=st.integers(1, 5),
+    actions=st.lists(st.tuples(st.sampled_from(["add", "step", "step", "finish"]), st.integers(1, 100)), max_size=60),
+)
+def test_unified_layout_never_plans_more_cells_than_it_has(n_seq_max: int, actions: list[tuple[str, int]]) -> None:
+    n_cells = 128
+    kv = KvCache(n_seq_max=n_seq_max, window=n_cells, n_cells=n_cells)
+    scheduler = Scheduler(kv, token_budget=max(n_seq_max, 32))
+    for i, (action, value) in enumerate(actions):
+        if action == "add":
+            sequence = make_sequence(value, f"u{i}")
+            sequence.max_tokens = n_cells - value  # what the worker checks: prompt plus max_tokens fit the cells
+            scheduler.add(sequence)
+        elif action == "step":
+            run_plan(scheduler)
+            for sequence in list(scheduler.running):
+                if len(sequence.generated) >= sequence.max_tokens:
+                    scheduler.release(sequence, keep_cache=value % 2 == 0)
+        elif scheduler.running:
+            scheduler.release(scheduler.running[value % len(scheduler.running)], keep_cache=value % 2 == 0)
+        assert kv.cells_in_use() <= n_cells
+        running_cells = sum(s.n_computed for s in scheduler.running)
+        assert kv.cells_in_use() <= running_cells + sum(kv.cells_held().values())

@@ -103,7 +103,8 @@ class Engine:
         self.n_seq_max = llama_cpp.llama_n_seq_max(self._ctx)
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
-        self.window = self.n_ctx // self.n_seq_max if config.kv_unified else llama_cpp.llama_n_ctx_seq(self._ctx)
+        # Unified: any one sequence may use every cell (the KV manager preempts others to make room).
+        self.window = llama_cpp.llama_n_ctx_seq(self._ctx)
         self.model_name = config.model_path.stem
         self.tokens_decoded = 0
         """Tokens fed to llama_decode since the context was created: the work actually done."""

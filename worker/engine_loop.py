@@ -98,7 +98,12 @@ class EngineLoop:
 
     def __init__(self, engine: Engine, token_budget: int, emit: Emit, prefix_cache: bool = True) -> None:
         self.engine = engine
-        self.kv = KvCache(n_seq_max=engine.n_seq_max, window=engine.window, prefix_cache=prefix_cache)
+        self.kv = KvCache(
+            n_seq_max=engine.n_seq_max,
+            window=engine.window,
+            prefix_cache=prefix_cache,
+            n_cells=engine.n_ctx if engine.config.kv_unified else None,
+        )
         self.scheduler = Scheduler(self.kv, token_budget)
         self._emit = emit
         self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
@@ -149,7 +154,8 @@ class EngineLoop:
         """Loop until stopped: commands, deadlines, one decode step, events."""
         try:
             while True:
-                commands = self._take_commands(block=not self.scheduler.has_work)
+                # Nothing running means nothing can change until a command comes (or a deadline passes).
+                commands = self._take_commands(block=not self.scheduler.running)
                 out: list[Outgoing] = []
                 with self.engine.lock:
                     for command in commands:
@@ -242,6 +248,8 @@ class EngineLoop:
 
     def _step(self, out: list[Outgoing]) -> StepStats | None:
         step = self.scheduler.schedule()
+        for seq_id in step.cleared:
+            self.engine.free_sequence(seq_id)
         for sequence in step.admitted:
             self._reuse_cached_prefix(sequence)
         plan = step.chunks
@@ -308,6 +316,8 @@ class EngineLoop:
         for chunk in plan:
             wants_token = chunk.completes_input
             chunk.sequence.n_computed += len(chunk.tokens)
+            assert chunk.sequence.seq_id is not None
+            self.kv.resize(chunk.sequence.seq_id, chunk.sequence.n_computed)
             if wants_token:
                 assert chunk.sequence.sampler is not None
                 sampled.append((chunk, self.engine.sample(chunk.sequence.sampler, next(index))))

@@ -16,6 +16,8 @@ from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass, field
 from itertools import count
 
+from .cell_ledger import CellLedger
+
 MIN_COPY_TOKENS = 16
 """Shortest shared prefix worth copying from another sequence (a copy moves a whole KV stream)."""
 
@@ -51,7 +53,12 @@ class KvCache:
     prefix_cache: bool = True
     """Reuse prefixes: park finished sequences, continue or copy them. When off, every request is computed
     from scratch and every released sequence is cleared."""
+    n_cells: int | None = None
+    """Unified layout: the cells all sequences share, counted by the ledger. None: each sequence owns a stream
+    of `window` cells, so cells never run out while ids last."""
+    ledger: CellLedger = field(init=False, default_factory=CellLedger)
     _free: list[int] = field(init=False)
+    _evicted: list[int] = field(init=False, default_factory=list)
     _idle: dict[int, _Idle] = field(init=False, default_factory=dict)
     _running: set[int] = field(init=False, default_factory=set)
     _clock: count[int] = field(init=False, default_factory=count)
@@ -79,6 +86,36 @@ class KvCache:
         """Cells each idle sequence holds, by sequence id (running ones are counted by their owners)."""
         return {seq_id: len(idle.tokens) for seq_id, idle in self._idle.items()}
 
+    def cells_in_use(self) -> int:
+        """Cells all sequences hold (unified layout), shared cells counted once."""
+        return self.ledger.cells_in_use()
+
+    def room(self) -> int | None:
+        """Cells still free in the unified layout; None in the per-sequence layout."""
+        return None if self.n_cells is None else self.n_cells - self.ledger.cells_in_use()
+
+    def resize(self, seq_id: int, length: int) -> None:
+        """A running sequence now holds `length` positions."""
+        self._check_running(seq_id)
+        self.ledger.resize(seq_id, length)
+
+    def take_evicted(self) -> list[int]:
+        """Ids evicted by evict_lru since the last call: the caller must clear their cells before decoding."""
+        evicted, self._evicted = self._evicted, []
+        return evicted
+
+    def evict_lru(self, keep: int | None = None) -> int | None:
+        """Evict the least recently used idle sequence other than `keep`; its id (also kept for take_evicted)."""
+        evictable = [seq_id for seq_id in self._idle if seq_id != keep]
+        if not evictable:
+            return None
+        oldest = min(evictable, key=lambda seq_id: self._idle[seq_id].last_used)
+        del self._idle[oldest]
+        self.ledger.drop(oldest)
+        self._free.append(oldest)
+        self._evicted.append(oldest)
+        return oldest
+
     def fits(self, n_prompt: int, max_tokens: int) -> bool:
         """True when a prompt and the tokens it may generate fit in one sequence's window."""
         return n_prompt + max_tokens <= self.window
@@ -100,6 +137,13 @@ class KvCache:
         source, shared = self._longest_prefix(prompt, running or {}) if self.prefix_cache else (None, 0)
         # At least the last prompt token is computed again: its logits give the first new token.
         n_cached = min(shared, len(prompt) - 1)
+        if not self._make_room(len(prompt) - max(n_cached, 0), keep=source):
+            if source is None or source not in self._idle:
+                return None  # running sequences hold the cells; they come back as those finish
+            # Only the idle source of the prefix stands in the way: drop it and compute everything.
+            source, shared, n_cached = None, 0, 0
+            if not self._make_room(len(prompt), keep=None):
+                return None
         if source is not None and source in self._idle and self._continues(self._idle[source], shared, owner):
             del self._idle[source]
             return self._run(source, n_cached)
@@ -127,6 +171,8 @@ class KvCache:
         ids = list(self._idle)
         self._idle.clear()
         self._free.extend(ids)
+        for seq_id in ids:
+            self.ledger.drop(seq_id)
         return ids
 
     def owned_by(self, owner: str) -> list[int]:
@@ -139,6 +185,7 @@ class KvCache:
         for seq_id in ids:
             del self._idle[seq_id]
             self._free.append(seq_id)
+            self.ledger.drop(seq_id)
         return ids
 
     def free(self, seq_id: int) -> None:
@@ -146,6 +193,7 @@ class KvCache:
         self._check_running(seq_id)
         self._running.discard(seq_id)
         self._free.append(seq_id)
+        self.ledger.drop(seq_id)
 
     @staticmethod
     def _continues(idle: _Idle, shared: int, owner: str | None) -> bool:
@@ -164,20 +212,32 @@ class KvCache:
                 best_id, best_len = seq_id, shared
         return best_id, best_len
 
+    def _make_room(self, new_cells: int, keep: int | None) -> bool:
+        """Evict idle sequences other than `keep` until `new_cells` fit (unified layout); False if even that is
+        not enough (what was evicted stays evicted, and is reported by take_evicted)."""
+        while self.n_cells is not None and self.ledger.cells_in_use() + new_cells > self.n_cells:
+            if self.evict_lru(keep) is None:
+                return False
+        return True
+
     def _fresh_id(self, keep: int | None) -> int | None:
         """A free id, else the least recently used idle one other than `keep` (evicted); None if there is none."""
         if self._free:
             return self._free.pop()
-        evictable = [seq_id for seq_id in self._idle if seq_id != keep]
-        if not evictable:
-            return None
-        oldest = min(evictable, key=lambda seq_id: self._idle[seq_id].last_used)
-        del self._idle[oldest]
-        return oldest
+        evicted = self.evict_lru(keep)
+        return None if evicted is None else self._free.pop()
 
     def _run(self, seq_id: int, n_cached: int, copy_from: int | None = None) -> Allocation:
         self._running.add(seq_id)
-        return Allocation(seq_id, max(n_cached, 0), None if n_cached <= 0 else copy_from)
+        n_cached = max(n_cached, 0)
+        copy_from = None if n_cached == 0 else copy_from
+        if copy_from is not None:
+            self.ledger.copy(copy_from, seq_id, n_cached)
+        elif n_cached:
+            self.ledger.resize(seq_id, n_cached)
+        else:
+            self.ledger.drop(seq_id)
+        return Allocation(seq_id, n_cached, copy_from)
 
     def _check_running(self, seq_id: int) -> None:
         if seq_id not in self._running:

@@ -18,9 +18,11 @@ from .sequence import Sequence, Status
 
 @dataclass(frozen=True)
 class StepPlan:
-    """What the next step does: sequences admitted now (their cells from `n_computed` on must be removed
-    before decoding, since an admitted id may hold another prompt's tail) and the chunks to decode."""
+    """What the next step does, in the order the engine must do it: clear the cells of `cleared` ids (evicted
+    idle sequences, preempted running ones), give each admitted sequence its cached prefix (its cells from
+    `n_computed` on removed, since an admitted id may hold another prompt's tail), decode the chunks."""
 
+    cleared: list[int]
     admitted: list[Sequence]
     chunks: list[Chunk]
 
@@ -48,6 +50,8 @@ class Scheduler:
         self.token_budget = token_budget
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.preemptions = 0
+        """Running sequences sent back to the queue to make room (unified layout)."""
 
     @property
     def has_work(self) -> bool:
@@ -64,8 +68,33 @@ class Scheduler:
         self.waiting.append(sequence)
 
     def schedule(self) -> StepPlan:
-        """Admit what fits, then plan the next step: decodes first, then prefill chunks in admission order."""
+        """Admit what fits, then plan the next step: decodes first, then prefill chunks in admission order.
+
+        In the unified layout the step's new cells must fit what is free: idle sequences are evicted first,
+        then the most recently admitted running sequences are preempted (vLLM's recompute: their cells are
+        cleared and they go back to the head of the queue, keeping what they generated and their event numbers).
+        """
+        cleared: list[int] = []
         admitted = self._admit()
+        chunks = self._plan()
+        room = self.kv.room()
+        while room is not None and sum(len(c.tokens) for c in chunks) > room:
+            # An evicted idle id is reported by take_evicted below.
+            if self.kv.evict_lru() is None:
+                if len(self.running) <= 1:
+                    break  # one sequence always fits: its prompt plus max_tokens was checked against the cells
+                victim = self.running[-1]
+                assert victim.seq_id is not None
+                cleared.append(victim.seq_id)
+                if victim in admitted:
+                    admitted.remove(victim)
+                self._preempt(victim)
+            chunks = self._plan()
+            room = self.kv.room()
+        # Every id evicted here, during admission too, must be cleared, even when no admission followed.
+        return StepPlan(self.kv.take_evicted() + cleared, admitted, chunks)
+
+    def _plan(self) -> list[Chunk]:
         budget = self.token_budget
         decodes = [s for s in self.running if not s.prefilling]
         plan = [Chunk(s, s.pending_tokens(1)) for s in decodes]
@@ -77,7 +106,19 @@ class Scheduler:
                 tokens = sequence.pending_tokens(budget)
                 plan.append(Chunk(sequence, tokens))
                 budget -= len(tokens)
-        return StepPlan(admitted, plan)
+        return plan
+
+    def _preempt(self, sequence: Sequence) -> None:
+        assert sequence.seq_id is not None
+        self.running.remove(sequence)
+        self.kv.free(sequence.seq_id)
+        sequence.seq_id = None
+        sequence.copy_from = None
+        sequence.n_computed = 0
+        sequence.preemptions += 1
+        self.preemptions += 1
+        sequence.status = Status.WAITING
+        self.waiting.appendleft(sequence)
 
     def release(self, sequence: Sequence, keep_cache: bool) -> int | None:
         """Take a finished sequence out of the queues. Its KV is parked for reuse when keep_cache allows;
@@ -103,13 +144,15 @@ class Scheduler:
             if self._prefix_in_progress(sequence):
                 continue
             computed = {s.seq_id: s.computed_tokens() for s in self.running if s.seq_id is not None}
-            allocation = self.kv.admit(sequence.prompt_tokens, computed, sequence.request.conversation)
+            allocation = self.kv.admit(sequence.all_tokens(), computed, sequence.request.conversation)
             if allocation is None:
                 break
             self.waiting.remove(sequence)
             sequence.seq_id = allocation.seq_id
             sequence.copy_from = allocation.copy_from
-            sequence.n_computed = sequence.cached_tokens = allocation.n_cached
+            sequence.n_computed = allocation.n_cached
+            if not sequence.preemptions:
+                sequence.cached_tokens = allocation.n_cached
             sequence.status = Status.RUNNING
             sequence.admitted_at = time.monotonic()
             self.running.append(sequence)

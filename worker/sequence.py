@@ -44,6 +44,8 @@ class Sequence:
     reply: list[str] = field(default_factory=list)
     """Every text delta sent to the client, in order."""
     next_event: int = 0
+    preemptions: int = 0
+    """Times the sequence lost its KV to make room and went back to the queue to be recomputed."""
     admitted_at: float | None = None
     first_token_at: float | None = None
 
@@ -64,12 +66,17 @@ class Sequence:
 
     @property
     def prefilling(self) -> bool:
-        """True while prompt tokens remain to be computed."""
-        return self.n_computed < len(self.prompt_tokens)
+        """True while more than the last sampled token remains to be computed: the prompt, or after a
+        preemption everything the sequence had."""
+        return self.n_computed < self.n_tokens - 1
+
+    def all_tokens(self) -> list[int]:
+        """Prompt plus generated tokens: what the sequence's KV must hold to go on."""
+        return self.prompt_tokens + self.generated
 
     def computed_tokens(self) -> list[int]:
         """The tokens whose KV this sequence holds, in position order."""
-        return (self.prompt_tokens + self.generated)[: self.n_computed]
+        return self.all_tokens()[: self.n_computed]
 
     def pending_tokens(self, limit: int) -> list[int]:
         """Up to `limit` of the next tokens to feed to the model."""
