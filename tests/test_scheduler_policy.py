@@ -21,11 +21,7 @@ def run_plan(scheduler: Scheduler) -> list[tuple[Sequence, int]]:
     """Carry out one step the way the engine loop does, sampling token 7 where logits are wanted."""
     plan = scheduler.schedule().chunks
     for chunk in plan:
-        wants_token = chunk.completes_input
-        chunk.sequence.n_computed += len(chunk.tokens)
-        assert chunk.sequence.seq_id is not None
-        scheduler.kv.resize(chunk.sequence.seq_id, chunk.sequence.n_computed)
-        if wants_token:
+        if scheduler.record_decoded(chunk):
             chunk.sequence.generated.append(7)
     return [(c.sequence, len(c.tokens)) for c in plan]
 

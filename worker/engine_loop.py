@@ -314,11 +314,7 @@ class EngineLoop:
         sampled = []
         index = iter(indices)
         for chunk in plan:
-            wants_token = chunk.completes_input
-            chunk.sequence.n_computed += len(chunk.tokens)
-            assert chunk.sequence.seq_id is not None
-            self.kv.resize(chunk.sequence.seq_id, chunk.sequence.n_computed)
-            if wants_token:
+            if self.scheduler.record_decoded(chunk):
                 assert chunk.sequence.sampler is not None
                 sampled.append((chunk, self.engine.sample(chunk.sequence.sampler, next(index))))
         return sampled

@@ -120,6 +120,15 @@ class Scheduler:
         sequence.status = Status.WAITING
         self.waiting.appendleft(sequence)
 
+    def record_decoded(self, chunk: Chunk) -> bool:
+        """Account for a decoded chunk; True when its last token's logits are to be sampled."""
+        wants_token = chunk.completes_input
+        sequence = chunk.sequence
+        sequence.n_computed += len(chunk.tokens)
+        assert sequence.seq_id is not None
+        self.kv.resize(sequence.seq_id, sequence.n_computed)
+        return wants_token
+
     def release(self, sequence: Sequence, keep_cache: bool) -> int | None:
         """Take a finished sequence out of the queues. Its KV is parked for reuse when keep_cache allows;
         otherwise the id it held is returned, and the caller clears that sequence's cells at once."""
