@@ -58,6 +58,18 @@ class EngineConfig:
     kv_type: KvType = KvType.Q8_0
     flash_attn: bool = True
 
+    def kv_settings(self) -> dict[str, object]:
+        """The settings a saved sequence state depends on, with the llama.cpp build that wrote it."""
+        return {
+            "n_ctx": self.n_ctx,
+            "n_seq_max": self.n_seq_max,
+            "kv_unified": self.kv_unified,
+            "kv_type": self.kv_type.value,
+            "flash_attn": self.flash_attn,
+            "n_gpu_layers": self.n_gpu_layers,
+            "llama_cpp_python": llama_cpp.__version__,
+        }
+
 
 @dataclass(frozen=True)
 class BatchSlice:
@@ -295,6 +307,44 @@ class Engine:
         """Keep a sequence's first `length` positions and drop the rest; False if llama.cpp refused."""
         self._check_seq_id(seq_id)
         return bool(llama_cpp.llama_memory_seq_rm(self._memory, seq_id, length, -1))
+
+    def sequence_state(self, seq_id: int) -> bytearray:
+        """llama.cpp's serialised KV of one sequence (`llama_state_seq_get_data`): cells, positions, data."""
+        self._check_seq_id(seq_id)
+        size = int(llama_cpp.llama_state_seq_get_size(self._ctx, seq_id))
+        data = bytearray(size)
+        # Written in place: a 4,096-token state is ~50 MB, and each Python-side copy of it costs tens of ms.
+        view = (ctypes.c_uint8 * size).from_buffer(data)
+        written = int(llama_cpp.llama_state_seq_get_data(self._ctx, view, size, seq_id))
+        del view
+        if written != size:
+            del data[written:]
+        return data
+
+    def restore_sequence_state(self, seq_id: int, payload: bytes | bytearray) -> bool:
+        """Replace a sequence's KV with a saved state; False when llama.cpp refused it (the sequence is empty)."""
+        self._check_seq_id(seq_id)
+        llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+        buffer = (ctypes.c_uint8 * len(payload)).from_buffer_copy(payload)
+        read = int(llama_cpp.llama_state_seq_set_data(self._ctx, buffer, len(payload), seq_id))
+        if read != len(payload):
+            llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+            return False
+        return True
+
+    def next_token_logits(self, seq_id: int, tokens: SequenceOf[int]) -> bytes:
+        """The float32 logits after `tokens`, which the sequence holds: its last position is decoded again.
+
+        A single-token decode of its own is what both a save and a restore run, so on a deterministic backend the
+        two agree to the bit exactly when the cells before that position hold the same KV.
+        """
+        n = len(tokens)
+        if n < 1 or self.sequence_length(seq_id) != n:
+            raise ValueError(f"sequence {seq_id} does not hold the {n} tokens given")
+        llama_cpp.llama_memory_seq_rm(self._memory, seq_id, n - 1, -1)
+        (index,) = self.decode([BatchSlice(seq_id, [tokens[-1]], n - 1, True)])
+        pointer = llama_cpp.llama_get_logits_ith(self._ctx, index)
+        return ctypes.string_at(pointer, self.n_vocab * ctypes.sizeof(ctypes.c_float))
 
     def state_bytes(self) -> int:
         """Size of the context's serialised state; it grows with the KV cells in use, shared or not."""

