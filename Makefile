@@ -45,3 +45,4 @@ bench: install
 	$(PY) bench/layouts.py
 	$(PY) bench/shared_prefix.py
 	$(PY) bench/conversation_turns.py
+	$(PY) bench/restore_vs_recompute.py

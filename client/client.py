@@ -223,7 +223,26 @@ class Client:
         """Forget a conversation: its history in Redis and the KV the worker cached for it."""
         await self._operate(conversation, ConversationCommand(ConversationOp.DELETE))
 
-    async def _operate(self, conversation: str, command: ConversationCommand) -> dict[str, Any]:
+    async def save_state(self, conversation: str) -> dict[str, Any]:
+        """Have the worker write the conversation's KV to its state directory, kept until deleted."""
+        return await self._operate(conversation, ConversationCommand(ConversationOp.SAVE_STATE))
+
+    async def load_state(self, conversation: str) -> dict[str, Any]:
+        """Have a worker load the conversation's saved KV into its cache (verified) ahead of the next turn."""
+        return await self._operate(conversation, ConversationCommand(ConversationOp.LOAD_STATE))
+
+    async def list_states(self) -> list[dict[str, Any]]:
+        """The saved and swapped KV states in the state directory of the worker that answers."""
+        result = await self._operate(None, ConversationCommand(ConversationOp.LIST_STATES))
+        states: list[dict[str, Any]] = result["states"]
+        return states
+
+    async def delete_state(self, conversation: str) -> int:
+        """Delete the conversation's state files (its history stays); how many there were."""
+        result = await self._operate(conversation, ConversationCommand(ConversationOp.DELETE_STATE))
+        return int(result["deleted"])
+
+    async def _operate(self, conversation: str | None, command: ConversationCommand) -> dict[str, Any]:
         request = Request(
             id=secrets.token_hex(16),
             client_id=self.client_id,

@@ -15,6 +15,7 @@ from .keys import DEFAULT_PREFIX, DEFAULT_QUEUE, Keys, is_valid_id
 from .limits import Limits
 from .messages import (
     PROTOCOL_VERSION,
+    STATE_OPS,
     ChatMessage,
     ConversationCommand,
     ConversationOp,
@@ -23,6 +24,7 @@ from .messages import (
     Event,
     FinalEvent,
     FinishReason,
+    PrefixSource,
     Request,
     RequestKind,
     ResultEvent,
@@ -38,6 +40,7 @@ __all__ = [
     "EVENT_FIELD",
     "PROTOCOL_VERSION",
     "REQUEST_FIELD",
+    "STATE_OPS",
     "ChatMessage",
     "ConversationCommand",
     "ConversationOp",
@@ -50,6 +53,7 @@ __all__ = [
     "History",
     "Keys",
     "Limits",
+    "PrefixSource",
     "ProtocolError",
     "Request",
     "RequestKind",

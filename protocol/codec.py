@@ -16,6 +16,7 @@ from .limits import Limits
 from .messages import (
     PROTOCOL_VERSION,
     ChatMessage,
+    ConversationOp,
     DoneEvent,
     ErrorEvent,
     Event,
@@ -116,9 +117,9 @@ def decode_request(data: bytes, keys: Keys, limits: Limits) -> Request:
             raise invalid("prompt must not be empty")
     else:
         _forbid(body, kind, {"messages", "prompt", "append"})
-        if conversation is None:
-            raise invalid("an op request names its conversation")
         command = parse_command(body)
+        if conversation is None and command.op is not ConversationOp.LIST_STATES:
+            raise invalid("an op request names its conversation")
     if kind is not RequestKind.OP and {"op", "to_message", "drop_tokens", "into"} & set(body):
         raise invalid("op, to_message, drop_tokens and into belong to op requests")
     return Request(
@@ -204,8 +205,8 @@ def decode_event(data: bytes) -> Event:
             return DoneEvent(
                 n=n,
                 finish_reason=FinishReason(body["finish_reason"]),
-                usage=Usage(**body["usage"]),
-                timings=Timings(**body["timings"]),
+                usage=Usage(**_known_fields(Usage, body["usage"])),
+                timings=Timings(**_known_fields(Timings, body["timings"])),
             )
         if kind == "error":
             return ErrorEvent(n=n, code=_error_code(body["code"]), message=str(body["message"]))
@@ -214,6 +215,12 @@ def decode_event(data: bytes) -> Event:
     except (KeyError, TypeError, ValueError, msgpack.UnpackException) as exc:
         raise ProtocolError(ErrorCode.INTERNAL, f"malformed event from worker: {exc}") from exc
     raise ProtocolError(ErrorCode.INTERNAL, f"unknown event type {kind!r}")
+
+
+def _known_fields(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
+    # A newer worker may report more; an older client keeps what it knows.
+    names = cls.__dataclass_fields__  # type: ignore[attr-defined]
+    return {name: value for name, value in values.items() if name in names}
 
 
 def _error_code(value: str) -> ErrorCode:

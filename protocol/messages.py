@@ -65,6 +65,33 @@ class ConversationOp(StrEnum):
     REWIND = "rewind"
     DELETE = "delete"
     FORK = "fork"
+    SAVE_STATE = "save_state"
+    """Write the conversation's KV to the worker's state directory, kept until deleted."""
+    LOAD_STATE = "load_state"
+    """Load the conversation's saved KV from the state directory into the worker's cache, verified."""
+    LIST_STATES = "list_states"
+    """List the state directory (the only op that names no conversation)."""
+    DELETE_STATE = "delete_state"
+    """Delete the conversation's state files (its history stays)."""
+
+
+STATE_OPS = frozenset(
+    {ConversationOp.SAVE_STATE, ConversationOp.LOAD_STATE, ConversationOp.LIST_STATES, ConversationOp.DELETE_STATE}
+)
+"""Operations on saved KV states, carried out by the worker's engine rather than on Redis."""
+
+
+class PrefixSource(StrEnum):
+    """Where the KV of a request's cached prompt tokens came from."""
+
+    NONE = "none"
+    """Nothing was cached: the whole prompt was computed."""
+    CACHE = "cache"
+    """The worker's live KV cache (a conversation's own sequence, or a shared prefix)."""
+    DISK = "disk"
+    """A state file restored from the state directory and verified."""
+    RECOMPUTE = "recompute"
+    """A saved state matched, but computing the prefix was cheaper, or the file was refused or failed its check."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +141,11 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    """Prompt tokens whose KV was reused, not computed (restored ones included)."""
+    restored_tokens: int = 0
+    """Of cached_tokens, those restored from a state file."""
+    prefix_source: str = PrefixSource.NONE.value
+    """A PrefixSource value: which path brought the cached prefix."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +157,8 @@ class Timings:
     decode_ms: float
     ttft_ms: float
     total_ms: float
+    restore_ms: float = 0.0
+    """Time spent loading and verifying a saved state for this request (part of queue_ms)."""
 
 
 @dataclass(frozen=True)

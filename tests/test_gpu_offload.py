@@ -7,6 +7,7 @@ bench/results/agreement-gpu-*.json and are recorded in docs/gpu-runs.md.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import anyio
@@ -57,3 +58,58 @@ async def test_full_offload_serves_and_agreement_is_measured(
     solo = await anyio.to_thread.run_sync(solo_llama_texts, model_path, PROMPTS, kv.ggml_type, ALL_LAYERS)
     assert all(batched) and all(solo)
     record_agreement(name, batched, solo)
+
+
+def test_restore_with_full_offload_reproduces_the_saved_logits(model_path: Path, tmp_path: Path) -> None:
+    """State save and verified restore with every layer and the KV cache on the GPU, where restores have been
+    seen to lose the KV. Records the largest logit difference a restore showed (bench/results/restore-gpu.json);
+    a file whose cells hold other KV must still fail the check."""
+    from llamaq.worker.engine import BatchSlice, Engine, EngineConfig
+    from llamaq.worker.model_files import model_digest
+    from llamaq.worker.settings import WorkerSettings
+    from llamaq.worker.state_dir import StateDir, StateKind
+    from llamaq.worker.state_file import Fingerprint, StateRefused, decode_state, encode_state
+    from llamaq.worker.swap_tier import SwapTier, logits_difference
+
+    tolerance = WorkerSettings().restore_tolerance
+    engine = Engine(EngineConfig(model_path, n_ctx=4096, n_seq_max=4, n_batch=256, n_gpu_layers=ALL_LAYERS))
+    try:
+        fingerprint = Fingerprint.of(model_digest(model_path), **engine.config.kv_settings())
+        tier = SwapTier(engine, StateDir(tmp_path, 1 << 30), fingerprint, tolerance)
+        differences = []
+        for words in (20, 200, 600):
+            tokens = engine.tokenize("The lamp was lit at dusk and the fog came in. " * (words // 10))
+            for start in range(0, len(tokens), 256):
+                engine.decode([BatchSlice(1, tokens[start : start + 256], start, False)])
+            tier.save(1, tokens, "gpu-conversation", StateKind.SWAP)
+            engine.free_sequence(1)
+            data = tier.states.read("gpu-conversation", StateKind.SWAP)
+            assert data is not None
+            record = decode_state(data, fingerprint)
+            assert engine.restore_sequence_state(2, record.payload)
+            differences.append(logits_difference(engine.next_token_logits(2, tokens), record.logits))
+            engine.free_sequence(2)
+            saved = tier.find("gpu-conversation", tokens)
+            assert saved is not None
+            tier.restore(2, "gpu-conversation", saved, keep=len(tokens))  # passes the check at the default tolerance
+            engine.free_sequence(2)
+        history = tokens[:256]
+        engine.decode([BatchSlice(1, history, 0, False)])
+        tier.save(1, history, "gpu-conversation", StateKind.SAVED)
+        honest = tier.states.read("gpu-conversation", StateKind.SAVED)
+        assert honest is not None
+        wrong = engine.tokenize("A ship was lost at sea in the night. " * 40)[:256]
+        engine.decode([BatchSlice(3, wrong, 0, False)])
+        wrong_kv = bytes(engine.sequence_state(3))
+        logits = decode_state(honest, fingerprint).logits
+        impostor = encode_state("gpu-conversation", history, fingerprint, wrong_kv, logits)
+        tier.states.write("gpu-conversation", StateKind.SAVED, impostor)
+        saved = tier.find("gpu-conversation", history)
+        assert saved is not None
+        with pytest.raises(StateRefused):
+            tier.restore(2, "gpu-conversation", saved, keep=256)
+        assert tier.check_failures == 1
+    finally:
+        engine.close()
+    out = Path(__file__).resolve().parent.parent / "bench" / "results" / "restore-gpu.json"
+    out.write_text(json.dumps({"max_logit_difference": differences, "tolerance": tolerance}, indent=2) + "\n")

@@ -170,6 +170,25 @@ def test_conversation_fields_round_trip() -> None:
     assert decode_request(encode_request(fork, KEYS), KEYS, LIMITS) == fork
 
 
+def test_list_states_is_the_one_op_without_a_conversation() -> None:
+    request = decode_request(op_wire(op="list_states", conversation=None), KEYS, LIMITS)
+    assert request.command is not None and request.command.op is ConversationOp.LIST_STATES
+    assert request.conversation is None
+
+
+def test_usage_and_timings_fields_a_client_does_not_know_are_ignored() -> None:
+    event = DoneEvent(
+        n=3,
+        finish_reason=FinishReason.STOP,
+        usage=Usage(prompt_tokens=5, completion_tokens=2, cached_tokens=4, restored_tokens=4, prefix_source="disk"),
+        timings=Timings(queue_ms=1.0, prefill_ms=2.0, decode_ms=3.0, ttft_ms=3.0, total_ms=6.0, restore_ms=0.5),
+    )
+    body = msgpack.unpackb(encode_event(event), raw=False)
+    body["usage"]["from_the_future"] = 1
+    body["timings"]["also_new_ms"] = 2.0
+    assert decode_event(msgpack.packb(body, use_bin_type=True)) == event
+
+
 def op_wire(**fields: Any) -> bytes:
     body = msgpack.unpackb(encode_request(chat_request(), KEYS), raw=False)
     body.pop("messages")
@@ -189,6 +208,7 @@ def op_wire(**fields: Any) -> bytes:
         pytest.param(op_wire(op="fork", into="{bad}"), id="fork-into-bad-id"),
         pytest.param(op_wire(op="get", into="conv-0002"), id="into-without-fork"),
         pytest.param(op_wire(op="get", conversation=None), id="op-without-conversation"),
+        pytest.param(op_wire(op="save_state", conversation=None), id="save-state-without-conversation"),
         pytest.param(op_wire(op="get", prompt="x"), id="op-with-prompt"),
         pytest.param(wire(conversation="no"), id="short-conversation-id"),
         pytest.param(wire(append=True), id="append-without-conversation"),

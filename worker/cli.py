@@ -47,6 +47,27 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds a named conversation's history lives in Redis after its last turn",
     )
     worker.add_argument(
+        "--state-dir",
+        type=Path,
+        default=os.environ.get("LLAMAQ_STATE_DIR"),
+        help="directory for swapped-out and saved KV states (default: $LLAMAQ_STATE_DIR, else none)",
+    )
+    worker.add_argument(
+        "--state-dir-max-mb",
+        type=int,
+        default=4096,
+        help="size cap of the state directory in MiB; swap files are deleted least recently used first",
+    )
+    worker.add_argument(
+        "--swap-min-tokens", type=int, default=64, help="shortest conversation worth swapping out to disk"
+    )
+    worker.add_argument(
+        "--restore-tolerance",
+        type=float,
+        default=0.0,
+        help="largest logit difference a verified restore may show (default 0: bit-identical, as on the CPU)",
+    )
+    worker.add_argument(
         "--drain-timeout",
         type=float,
         default=30.0,
@@ -164,6 +185,10 @@ def _run_worker(args: argparse.Namespace) -> int:
         queue=args.queue,
         drain_timeout_s=args.drain_timeout,
         conversation_ttl_s=args.conversation_ttl,
+        state_dir=args.state_dir,
+        state_dir_max_bytes=args.state_dir_max_mb << 20,
+        swap_min_tokens=args.swap_min_tokens,
+        restore_tolerance=args.restore_tolerance,
     )
     return run_worker(settings)
 

@@ -21,9 +21,11 @@ from llamaq.protocol import (
     Event,
     FinishReason,
     History,
+    PrefixSource,
     ProtocolError,
     Request,
     RequestKind,
+    ResultEvent,
     Timings,
     TokenEvent,
     Usage,
@@ -34,12 +36,15 @@ from .engine import BatchSlice, DecodeError, Engine
 from .kv_cache import KvCache
 from .scheduler import Chunk, Scheduler
 from .sequence import Sequence
+from .state_keeper import StateKeeper
 from .text_stream import TextStream
 
 log = logging.getLogger("llamaq.engine_loop")
 
 # How long an idle engine thread sleeps on its inbox before looking at deadlines again.
 _IDLE_WAIT_S = 0.5
+# A step with at least this many prompt tokens is timed as prefill for the restore-or-recompute choice.
+_PREFILL_SAMPLE_TOKENS = 32
 
 
 @dataclass(frozen=True)
@@ -96,7 +101,14 @@ Emit = Callable[[list[Outgoing], StepStats | None], None]
 class EngineLoop:
     """Continuous batching over one Engine, run by `run()` on a dedicated thread."""
 
-    def __init__(self, engine: Engine, token_budget: int, emit: Emit, prefix_cache: bool = True) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        token_budget: int,
+        emit: Emit,
+        prefix_cache: bool = True,
+        state: Callable[[KvCache], StateKeeper] | None = None,
+    ) -> None:
         self.engine = engine
         self.kv = KvCache(
             n_seq_max=engine.n_seq_max,
@@ -105,6 +117,8 @@ class EngineLoop:
             n_cells=engine.n_ctx if engine.config.kv_unified else None,
         )
         self.scheduler = Scheduler(self.kv, token_budget)
+        self.state = None if state is None else state(self.kv)
+        """The swap tier's policy when the worker has a state directory."""
         self._emit = emit
         self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._by_key: dict[str, Sequence] = {}
@@ -162,6 +176,8 @@ class EngineLoop:
                         self._apply(command, out)
                     self._expire(out)
                     done = self._drain_if_stopping(out)
+                    if done and self.state is not None:
+                        log.info("saved %d conversations to the state directory", self.state.save_all())
                     stats = None if done or not self.scheduler.has_work else self._step(out)
                 if out or stats:
                     self._emit(out, stats)
@@ -203,11 +219,16 @@ class EngineLoop:
         elif isinstance(command, _Forget):
             for seq_id in self.kv.forget(command.conversation):
                 self.engine.free_sequence(seq_id)
+            if self.state is not None:
+                self.state.forget(command.conversation)
         else:
             self._stop = command
 
     def _admit_request(self, command: _Submit, out: list[Outgoing]) -> None:
         request = command.request
+        if request.kind is RequestKind.OP:
+            self._run_state_op(request, out)
+            return
         try:
             tokens = self._prompt_tokens(request)
             max_tokens = request.params.max_tokens or self.kv.window - len(tokens)
@@ -232,6 +253,15 @@ class EngineLoop:
         self._by_key[request.key] = sequence
         self.scheduler.add(sequence)
 
+    def _run_state_op(self, request: Request, out: list[Outgoing]) -> None:
+        try:
+            if self.state is None:
+                raise ProtocolError(ErrorCode.INVALID_REQUEST, "this worker has no state directory (--state-dir)")
+            event: Event = ResultEvent(n=0, data=self.state.run(request))
+        except ProtocolError as exc:
+            event = ErrorEvent(n=0, code=exc.code, message=exc.message)
+        out.append(Outgoing(request.key, event))
+
     def _prompt_tokens(self, request: Request) -> list[int]:
         if request.kind is RequestKind.CHAT:
             try:
@@ -247,7 +277,11 @@ class EngineLoop:
                 self._fail(sequence, ProtocolError(ErrorCode.DEADLINE_EXCEEDED, "the request's deadline passed"), out)
 
     def _step(self, out: list[Outgoing]) -> StepStats | None:
+        if self.state is not None:
+            self.state.restore_waiting(self.scheduler.waiting, self._running_tokens())
         step = self.scheduler.schedule()
+        if self.state is not None:
+            self.state.swap_out(step.evicted + step.displaced)
         for seq_id in step.cleared:
             self.engine.free_sequence(seq_id)
         for sequence in step.admitted:
@@ -274,16 +308,28 @@ class EngineLoop:
                 self._fail(chunk.sequence, ProtocolError(ErrorCode.INTERNAL, str(exc)), out)
             return None
         decode_s = time.perf_counter() - started
+        if self.state is not None:
+            prompt_tokens = sum(len(c.tokens) for c in plan if len(c.tokens) > 1)
+            if prompt_tokens >= _PREFILL_SAMPLE_TOKENS:
+                self.state.swap.cost.record_prefill(sum(len(c.tokens) for c in plan), decode_s)
         sampled = self._sample(plan, indices)
         for chunk, token in sampled:
             self._accept(chunk.sequence, token, out)
         n_tokens = sum(len(c.tokens) for c in plan)
         return StepStats(len(plan), n_tokens, decode_s, time.perf_counter() - started)
 
+    def _running_tokens(self) -> dict[int, list[int]]:
+        return {s.seq_id: s.computed_tokens() for s in self.scheduler.running if s.seq_id is not None}
+
     def _reuse_cached_prefix(self, sequence: Sequence) -> None:
         """Give the admitted sequence its cached prefix: copy it from another sequence if need be, then cut
         the cells back to the prefix it shares with the prompt."""
         assert sequence.seq_id is not None
+        if sequence.restored_into is not None and not sequence.preemptions:
+            # Admission continued the sequence its saved state was restored into, or found something better.
+            if sequence.restored_into == sequence.seq_id and sequence.copy_from is None:
+                sequence.restored_tokens = sequence.cached_tokens
+            sequence.restored_into = None
         if sequence.copy_from is not None:
             self.engine.copy_sequence(sequence.copy_from, sequence.seq_id)
             sequence.copy_from = None
@@ -374,6 +420,8 @@ class EngineLoop:
                 prompt_tokens=len(sequence.prompt_tokens),
                 completion_tokens=len(sequence.generated),
                 cached_tokens=sequence.cached_tokens,
+                restored_tokens=sequence.restored_tokens,
+                prefix_source=_prefix_source(sequence).value,
             ),
             timings=Timings(
                 queue_ms=_ms(admitted - sequence.received_at),
@@ -381,8 +429,17 @@ class EngineLoop:
                 decode_ms=_ms(now - first),
                 ttft_ms=_ms(first - sequence.received_at),
                 total_ms=_ms(now - sequence.received_at),
+                restore_ms=round(sequence.restore_ms, 3),
             ),
         )
+
+
+def _prefix_source(sequence: Sequence) -> PrefixSource:
+    if sequence.restored_tokens:
+        return PrefixSource.DISK
+    if sequence.prefix_source is PrefixSource.RECOMPUTE:
+        return PrefixSource.RECOMPUTE
+    return PrefixSource.CACHE if sequence.cached_tokens else PrefixSource.NONE
 
 
 def cancelled_before_start() -> DoneEvent:

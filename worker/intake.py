@@ -14,6 +14,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from llamaq.protocol import (
     REQUEST_FIELD,
+    STATE_OPS,
     ConversationOp,
     ErrorCode,
     Keys,
@@ -128,6 +129,11 @@ class Intake:
             return
         if await self._redis.exists(cancel_key):
             await self._publisher.answer(entry_id, reply_key, cancelled_before_start())
+            return
+        if request.kind is RequestKind.OP and request.command is not None and request.command.op in STATE_OPS:
+            # Saved KV is the engine's: the op runs on its thread, between steps, and answers like a request.
+            self._in_flight.add(Ticket(request.key, entry_id, reply_key, cancel_key))
+            self._engine_loop.submit(request, received_at)
             return
         if request.kind is RequestKind.OP:
             await self._run_op(entry_id, reply_key, request)

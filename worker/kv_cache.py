@@ -35,6 +35,15 @@ class Allocation:
     copy_from: int | None = None
 
 
+@dataclass(frozen=True)
+class Evicted:
+    """An idle sequence evicted to make room: its cells still hold `tokens` until the engine clears them."""
+
+    seq_id: int
+    tokens: list[int]
+    owner: str | None
+
+
 @dataclass
 class _Idle:
     tokens: list[int]
@@ -58,7 +67,8 @@ class KvCache:
     of `window` cells, so cells never run out while ids last."""
     ledger: CellLedger = field(init=False, default_factory=CellLedger)
     _free: list[int] = field(init=False)
-    _evicted: list[int] = field(init=False, default_factory=list)
+    _evicted: list[Evicted] = field(init=False, default_factory=list)
+    _displaced: list[Evicted] = field(init=False, default_factory=list)
     _idle: dict[int, _Idle] = field(init=False, default_factory=dict)
     _running: set[int] = field(init=False, default_factory=set)
     _clock: count[int] = field(init=False, default_factory=count)
@@ -99,10 +109,17 @@ class KvCache:
         self._check_running(seq_id)
         self.ledger.resize(seq_id, length)
 
-    def take_evicted(self) -> list[int]:
-        """Ids evicted by evict_lru since the last call: the caller must clear their cells before decoding."""
+    def take_evicted(self) -> list[Evicted]:
+        """Sequences evicted by evict_lru since the last call: the caller may save a conversation's KV, then
+        must clear their cells before decoding."""
         evicted, self._evicted = self._evicted, []
         return evicted
+
+    def take_displaced(self) -> list[Evicted]:
+        """Idle conversations whose id admit() gave to another request since the last call: their cells still
+        hold their tokens until the engine cuts them back for the new owner (a chance to save them first)."""
+        displaced, self._displaced = self._displaced, []
+        return displaced
 
     def evict_lru(self, keep: int | None = None) -> int | None:
         """Evict the least recently used idle sequence other than `keep`; its id (also kept for take_evicted)."""
@@ -110,10 +127,10 @@ class KvCache:
         if not evictable:
             return None
         oldest = min(evictable, key=lambda seq_id: self._idle[seq_id].last_used)
-        del self._idle[oldest]
+        idle = self._idle.pop(oldest)
         self.ledger.drop(oldest)
         self._free.append(oldest)
-        self._evicted.append(oldest)
+        self._evicted.append(Evicted(oldest, idle.tokens, idle.owner))
         return oldest
 
     def fits(self, n_prompt: int, max_tokens: int) -> bool:
@@ -152,8 +169,14 @@ class KvCache:
             if fresh is not None:
                 return self._run(fresh, n_cached, copy_from=source)
         if source is not None and source in self._idle:
-            del self._idle[source]
-            return self._run(source, n_cached)
+            idle = self._idle[source]
+            foreign = idle.owner not in (None, owner)
+            # Another conversation's KV is not cut back for a few shared tokens while an id is free.
+            if not (foreign and shared < MIN_COPY_TOKENS and self._free):
+                del self._idle[source]
+                if foreign:
+                    self._displaced.append(Evicted(source, idle.tokens, idle.owner))
+                return self._run(source, n_cached)
         fresh = self._fresh_id(keep=None)
         return None if fresh is None else self._run(fresh, 0)
 
@@ -174,6 +197,32 @@ class KvCache:
         for seq_id in ids:
             self.ledger.drop(seq_id)
         return ids
+
+    def idle_conversations(self) -> list[Evicted]:
+        """Idle sequences that hold a named conversation's KV, most recently used first (to save at shutdown)."""
+        ordered = sorted(self._idle.items(), key=lambda item: -item[1].last_used)
+        return [Evicted(seq_id, list(idle.tokens), idle.owner) for seq_id, idle in ordered if idle.owner is not None]
+
+    def longest_cached_prefix(self, prompt: SequenceOf[int], running: Mapping[int, SequenceOf[int]]) -> int:
+        """Most leading prompt tokens any sequence, idle or running, holds now."""
+        return self._longest_prefix(prompt, running)[1] if self.prefix_cache else 0
+
+    def take_for_restore(self, n_cells: int) -> int | None:
+        """An empty id to load a saved state of `n_cells` into, evicting idle sequences for the id and (unified
+        layout) the cells; None when running sequences hold everything. Hand it to hold_restored or give_back."""
+        if not self.prefix_cache or not self._make_room(n_cells, keep=None):
+            return None
+        return self._fresh_id(keep=None)
+
+    def hold_restored(self, seq_id: int, tokens: SequenceOf[int], owner: str) -> None:
+        """A state was loaded into an id from take_for_restore: keep it as the conversation's idle sequence."""
+        self._idle[seq_id] = _Idle(list(tokens), next(self._clock), owner)
+        self.ledger.resize(seq_id, len(tokens))
+
+    def give_back(self, seq_id: int) -> None:
+        """Return an id from take_for_restore whose load failed; its cells must already be cleared."""
+        self.ledger.drop(seq_id)
+        self._free.append(seq_id)
 
     def owned_by(self, owner: str) -> list[int]:
         """Idle sequences that hold a named conversation's KV."""

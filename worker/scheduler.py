@@ -10,9 +10,9 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from .kv_cache import MIN_COPY_TOKENS, KvCache, common_prefix_length
+from .kv_cache import MIN_COPY_TOKENS, Evicted, KvCache, common_prefix_length
 from .sequence import Sequence, Status
 
 
@@ -25,6 +25,10 @@ class StepPlan:
     cleared: list[int]
     admitted: list[Sequence]
     chunks: list[Chunk]
+    evicted: list[Evicted] = field(default_factory=list)
+    """Idle sequences among `cleared`, with the tokens their cells hold until cleared (to swap out first)."""
+    displaced: list[Evicted] = field(default_factory=list)
+    """Idle conversations whose ids admitted sequences took over: their cells are cut back, not cleared."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,8 @@ class Scheduler:
             chunks = self._plan()
             room = self.kv.room()
         # Every id evicted here, during admission too, must be cleared, even when no admission followed.
-        return StepPlan(self.kv.take_evicted() + cleared, admitted, chunks)
+        evicted = self.kv.take_evicted()
+        return StepPlan([e.seq_id for e in evicted] + cleared, admitted, chunks, evicted, self.kv.take_displaced())
 
     def _plan(self) -> list[Chunk]:
         budget = self.token_budget

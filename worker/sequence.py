@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
-from llamaq.protocol import Request
+from llamaq.protocol import PrefixSource, Request
 
 from .engine import SamplerHandle
 from .text_stream import TextStream
@@ -48,6 +48,15 @@ class Sequence:
     """Times the sequence lost its KV to make room and went back to the queue to be recomputed."""
     admitted_at: float | None = None
     first_token_at: float | None = None
+    restore_checked: bool = False
+    """The state directory was consulted for this sequence's conversation."""
+    restored_into: int | None = None
+    """The sequence id a saved state of its conversation was restored into, waiting for it to be admitted."""
+    restored_tokens: int = 0
+    """Of cached_tokens, those whose KV came from a state file."""
+    restore_ms: float = 0.0
+    prefix_source: PrefixSource = PrefixSource.NONE
+    """Set by a restore attempt; otherwise decided from cached_tokens at the end."""
 
     @property
     def key(self) -> str:

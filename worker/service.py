@@ -18,9 +18,14 @@ from .engine import Engine
 from .engine_loop import EngineLoop
 from .in_flight import InFlight
 from .intake import Intake
-from .model_files import default_model_path
+from .kv_cache import KvCache
+from .model_files import default_model_path, model_digest
 from .publisher import Publisher
 from .settings import WorkerSettings
+from .state_dir import StateDir
+from .state_file import Fingerprint
+from .state_keeper import StateKeeper
+from .swap_tier import SwapTier
 
 log = logging.getLogger("llamaq.worker")
 
@@ -73,7 +78,8 @@ class Worker:
 
         conversations = ConversationStore(redis, settings.keys, settings.conversation_ttl_s, detokenize)
         publisher = Publisher(redis, settings.keys, in_flight, settings.reply_ttl_s, conversations)
-        engine_loop = EngineLoop(engine, settings.n_batch, publisher.emit_threadsafe, settings.prefix_cache)
+        state = await asyncio.to_thread(self._state_keeper_factory, engine)
+        engine_loop = EngineLoop(engine, settings.n_batch, publisher.emit_threadsafe, settings.prefix_cache, state)
         publisher.engine_loop = engine_loop
         self.engine_loop = engine_loop
         intake = Intake(
@@ -107,6 +113,15 @@ class Worker:
         finally:
             await redis.aclose()
 
+    def _state_keeper_factory(self, engine: Engine) -> Callable[[KvCache], StateKeeper] | None:
+        """How the engine loop builds its swap tier, when a state directory is configured."""
+        s = self.settings
+        if s.state_dir is None:
+            return None
+        fingerprint = Fingerprint.of(model_digest(engine.config.model_path), **engine.config.kv_settings())
+        swap = SwapTier(engine, StateDir(s.state_dir, s.state_dir_max_bytes), fingerprint, s.restore_tolerance)
+        return lambda kv: StateKeeper(kv, swap, s.swap_min_tokens)
+
     async def _wait_for_stop(self, engine_loop: EngineLoop, reading: asyncio.Task[None]) -> bool:
         """Wait for a stop request; True if the engine thread or the intake died instead."""
         assert self._stop_event is not None
@@ -129,6 +144,11 @@ class Worker:
             f"threads {s.threads}, step budget {s.n_batch} tokens, "
             f"prefix cache {'on' if s.prefix_cache else 'off'}"
         )
+        if s.state_dir is not None:
+            self._say(
+                f"state directory {s.state_dir} (cap {s.state_dir_max_bytes >> 20} MiB), restores verified "
+                f"against saved logits with tolerance {s.restore_tolerance}"
+            )
         self._say(f"consumer {s.consumer} on {s.keys.requests} at {url}")
         self._say(READY_LINE)
 

@@ -54,6 +54,15 @@ class WorkerSettings:
     conversation_ttl_s: int = 7 * 24 * 3600
     """How long a named conversation's history lives in Redis after its last turn."""
     limits: Limits = field(default_factory=Limits)
+    state_dir: Path | None = None
+    """Where evicted conversations are swapped to and saved states live; None keeps KV in memory only."""
+    state_dir_max_bytes: int = 4 << 30
+    """Size cap of the state directory; swap files go least recently used first to stay under it."""
+    swap_min_tokens: int = 64
+    """Shorter conversations are not swapped out: recomputing them costs less than a file."""
+    restore_tolerance: float = 0.0
+    """Largest absolute logit difference a verified restore may show. 0 demands bit-identical logits, which the
+    CPU gives (measured); on a GPU, tests/test_gpu_offload.py measures the difference (docs/gpu-runs.md)."""
 
     @property
     def keys(self) -> Keys:

@@ -1,0 +1,208 @@
+"""When KV goes to disk and when it comes back: the swap tier's policy, run by the engine loop.
+
+- An idle conversation evicted from the KV cache is saved to the state directory (unless it is short or already
+  saved as it is), instead of being dropped.
+- A waiting turn of a conversation whose KV is not live is given its saved state back, when the file covers
+  enough of its prompt and the measured costs say restoring beats recomputing.
+- At shutdown every conversation still in KV is saved, so a worker restarted on the same directory resumes it.
+- The explicit state operations of the protocol (save, load, list, delete).
+
+Everything here runs on the engine thread under the engine lock, like the rest of the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from llamaq.protocol import ConversationOp, ErrorCode, PrefixSource, ProtocolError, Request
+from llamaq.protocol.errors import invalid
+
+from .engine import DecodeError
+from .kv_cache import Evicted, KvCache
+from .sequence import Sequence
+from .state_dir import StateDirFull, StateKind
+from .state_file import StateRefused
+from .swap_tier import SwapTier
+
+log = logging.getLogger("llamaq.state")
+
+MIN_RESTORE_TOKENS = 32
+"""Fewest prompt tokens a restore must spare to be worth a file read and a verification decode."""
+
+
+class StateKeeper:
+    """Swap-out, restore and state operations over one KV cache and one swap tier."""
+
+    def __init__(self, kv: KvCache, swap: SwapTier, swap_min_tokens: int) -> None:
+        self.kv = kv
+        self.swap = swap
+        self.swap_min_tokens = swap_min_tokens
+
+    # --- eviction and shutdown ------------------------------------------------------------------------------
+
+    def swap_out(self, evicted: Iterable[Evicted]) -> None:
+        """Save the evicted conversations worth saving; their cells must still hold their tokens."""
+        for idle in evicted:
+            if idle.owner is not None and len(idle.tokens) >= self.swap_min_tokens:
+                self._save_unless_saved(idle)
+
+    def save_all(self) -> int:
+        """Save every conversation the KV cache holds (at shutdown); how many were written."""
+        written = 0
+        for idle in self.kv.idle_conversations():
+            written += self._save_unless_saved(idle)
+        return written
+
+    def _save_unless_saved(self, idle: Evicted) -> bool:
+        assert idle.owner is not None
+        if self.swap.is_saved(idle.owner, idle.tokens):
+            return False
+        try:
+            self.swap.save(idle.seq_id, idle.tokens, idle.owner, StateKind.SWAP)
+        except (StateDirFull, OSError, DecodeError) as exc:
+            # Losing a swap file only costs a recompute from the history in Redis.
+            log.warning("could not swap out conversation %s: %s", idle.owner, exc)
+            return False
+        return True
+
+    # --- restore ------------------------------------------------------------------------------------------
+
+    def restore_waiting(self, waiting: Iterable[Sequence], running: Mapping[int, list[int]]) -> None:
+        """Restore saved KV for the waiting conversations next in line whose KV is not live.
+
+        Runs before the step is scheduled, so admission finds the restored sequence as the conversation's own
+        idle one and continues it in place.
+        """
+        for sequence in list(waiting)[: self.kv.n_free]:
+            conversation = sequence.request.conversation
+            if sequence.restore_checked or conversation is None or sequence.preemptions:
+                continue
+            sequence.restore_checked = True
+            if not self.kv.owned_by(conversation):
+                self._restore(sequence, conversation, running)
+
+    def _restore(self, sequence: Sequence, conversation: str, running: Mapping[int, list[int]]) -> None:
+        prompt = sequence.all_tokens()
+        saved = self.swap.find(conversation, prompt)
+        if saved is None:
+            if self.swap.last_refusal is not None:
+                sequence.prefix_source = PrefixSource.RECOMPUTE
+            return
+        keep = min(saved.shared, len(prompt) - 1)
+        spared = keep - self.kv.longest_cached_prefix(prompt, running)
+        if spared < MIN_RESTORE_TOKENS:
+            return
+        sequence.prefix_source = PrefixSource.RECOMPUTE
+        if not self.swap.cost.restore_is_cheaper(len(saved.header.tokens), spared):
+            log.info("conversation %s: recomputing %d tokens is cheaper than restoring", conversation, spared)
+            return
+        seq_id = self._take_for_restore(len(saved.header.tokens))
+        if seq_id is None:
+            sequence.restore_checked = False  # every id runs: try again when one is free
+            sequence.prefix_source = PrefixSource.NONE
+            return
+        try:
+            restored = self.swap.restore(seq_id, conversation, saved, keep)
+        except StateRefused:
+            self.kv.give_back(seq_id)
+            return
+        self.kv.hold_restored(seq_id, prompt[:keep], conversation)
+        sequence.restored_into = seq_id
+        sequence.restore_ms = restored.seconds * 1000.0
+        sequence.prefix_source = PrefixSource.DISK
+
+    def _take_for_restore(self, n_cells: int) -> int | None:
+        """An empty id to load into; the idle sequences evicted for it are swapped out and cleared first, since
+        the id handed out may be one of them."""
+        seq_id = self.kv.take_for_restore(n_cells)
+        evicted = self.kv.take_evicted()
+        self.swap_out(evicted)
+        for idle in evicted:
+            self.swap.engine.free_sequence(idle.seq_id)
+        return seq_id
+
+    # --- operations -----------------------------------------------------------------------------------------
+
+    def run(self, request: Request) -> dict[str, Any]:
+        """Carry out a state operation; the map its result event carries. ProtocolError for what cannot be done."""
+        assert request.command is not None
+        op, conversation = request.command.op, request.conversation
+        if op is ConversationOp.LIST_STATES:
+            return self._list()
+        assert conversation is not None
+        if op is ConversationOp.DELETE_STATE:
+            return {"conversation": conversation, "deleted": self.swap.states.delete(conversation)}
+        if op is ConversationOp.SAVE_STATE:
+            return self._save(conversation)
+        return self._load(conversation)
+
+    def forget(self, conversation: str) -> None:
+        """A deleted conversation leaves no KV on disk either."""
+        self.swap.states.delete(conversation)
+
+    def _list(self) -> dict[str, Any]:
+        states: list[dict[str, Any]] = []
+        total = 0
+        for entry in self.swap.states.entries():
+            try:
+                header = self.swap.states.read_header(entry.conversation, entry.kind)
+                n_tokens = None if header is None else len(header.tokens)
+            except StateRefused:
+                n_tokens = None
+            states.append(
+                {
+                    "conversation": entry.conversation,
+                    "kind": entry.kind.value,
+                    "n_bytes": entry.n_bytes,
+                    "n_tokens": n_tokens,
+                    "last_used": entry.last_used,
+                }
+            )
+            total += entry.n_bytes
+        return {"states": states, "n_bytes": total, "max_bytes": self.swap.states.max_bytes}
+
+    def _save(self, conversation: str) -> dict[str, Any]:
+        held = [idle for idle in self.kv.idle_conversations() if idle.owner == conversation]
+        if held:
+            idle = max(held, key=lambda each: len(each.tokens))
+            try:
+                n_bytes = self.swap.save(idle.seq_id, idle.tokens, conversation, StateKind.SAVED)
+            except StateDirFull as exc:
+                raise invalid(f"state directory full: {exc}") from exc
+            return {"conversation": conversation, "kind": "saved", "n_tokens": len(idle.tokens), "n_bytes": n_bytes}
+        if self.swap.states.promote(conversation):
+            header = self.swap.states.read_header(conversation, StateKind.SAVED)
+            n_tokens = 0 if header is None else len(header.tokens)
+            return {"conversation": conversation, "kind": "saved", "n_tokens": n_tokens, "promoted": True}
+        raise invalid(
+            f"conversation {conversation} holds no idle KV on this worker and has no swapped state "
+            "(a turn in progress is saved after it ends)"
+        )
+
+    def _load(self, conversation: str) -> dict[str, Any]:
+        if self.kv.owned_by(conversation):
+            return {"conversation": conversation, "loaded": False, "reason": "already in the KV cache"}
+        saved = self.swap.find(conversation, None)
+        if saved is None:
+            refused = self.swap.last_refusal
+            reason = "" if refused is None else f" (refused, {refused.reason.value}: {refused.message})"
+            raise invalid(f"no usable saved state for conversation {conversation}{reason}")
+        n_tokens = len(saved.header.tokens)
+        seq_id = self._take_for_restore(n_tokens)
+        if seq_id is None:
+            raise ProtocolError(ErrorCode.OVERLOADED, "every sequence is running; load the state later")
+        try:
+            restored = self.swap.restore(seq_id, conversation, saved, n_tokens)
+        except StateRefused as refused:
+            self.kv.give_back(seq_id)
+            raise invalid(f"saved state refused ({refused.reason.value}): {refused.message}") from refused
+        self.kv.hold_restored(seq_id, saved.header.tokens, conversation)
+        return {
+            "conversation": conversation,
+            "loaded": True,
+            "kind": saved.kind.value,
+            "n_tokens": n_tokens,
+            "restore_ms": round(restored.seconds * 1000.0, 3),
+        }
