@@ -64,3 +64,12 @@ class Keys:
     def wake(self, client_id: str) -> str:
         """A client's own stream, written to wake its blocked XREAD when it starts a new request."""
         return f"{self.prefix}:{{c:{client_id}}}:wake"
+
+    @property
+    def workers(self) -> str:
+        """The set of worker ids that have a heartbeat on this queue (expired ones are removed by readers)."""
+        return f"{self.prefix}:{{q:{self.queue}}}:workers"
+
+    def heartbeat(self, worker: str) -> str:
+        """A worker's heartbeat hash (id, model, capacity, load) with a short TTL, in the queue's slot."""
+        return f"{self.prefix}:{{q:{self.queue}}}:worker:{worker}"
