@@ -63,7 +63,14 @@ async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 def worker_settings(redis_url: str, model_path: Path, prefix: str, **overrides: object) -> WorkerSettings:
     """Settings for a small test worker: 4 sequences of 1024 cells each unless overridden."""
     base = WorkerSettings(
-        redis_url=redis_url, model_path=model_path, n_ctx=4096, parallel=4, n_batch=256, prefix=prefix, threads=2
+        redis_url=redis_url,
+        model_path=model_path,
+        n_ctx=4096,
+        parallel=4,
+        n_batch=256,
+        prefix=prefix,
+        threads=2,
+        metrics_port=0,
     )
     return replace(base, **overrides)  # type: ignore[arg-type]
 
@@ -139,6 +146,8 @@ def worker_process(redis_url: str, prefix: str, *extra: str) -> Iterator[subproc
         "256",
         "--threads",
         "2",
+        "--metrics-port",
+        "0",
         *extra,
     ]
     process = subprocess.Popen(

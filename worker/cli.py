@@ -62,6 +62,14 @@ def _parser() -> argparse.ArgumentParser:
         "--swap-min-tokens", type=int, default=64, help="shortest conversation worth swapping out to disk"
     )
     worker.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(os.environ.get("LLAMAQ_METRICS_PORT", "9464")),
+        help="port of /metrics, /healthz and /readyz (0: any free port)",
+    )
+    worker.add_argument("--metrics-host", default="0.0.0.0", help="address the metrics server binds")
+    worker.add_argument("--no-metrics", action="store_true", help="serve no metrics or health endpoints")
+    worker.add_argument(
         "--restore-tolerance",
         type=float,
         default=0.0,
@@ -85,6 +93,13 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="system prompt")
     _add_client_flags(chat)
     chat.set_defaults(handler=_run_chat)
+
+    status = commands.add_parser("status", help="live workers, queue depth and KV usage, from Redis alone")
+    status.add_argument("--redis-url", default=os.environ.get("REDIS_URL"), help="Redis URL (default: $REDIS_URL)")
+    status.add_argument("--prefix", default="llamaq", help="key prefix")
+    status.add_argument("--queue", default="default", help="queue name")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.set_defaults(handler=_run_status)
 
     demo = commands.add_parser("demo", help="embedded Valkey + one worker + a simulated multi-user chat")
     demo.add_argument("--users", type=int, default=8)
@@ -189,6 +204,8 @@ def _run_worker(args: argparse.Namespace) -> int:
         state_dir_max_bytes=args.state_dir_max_mb << 20,
         swap_min_tokens=args.swap_min_tokens,
         restore_tolerance=args.restore_tolerance,
+        metrics_port=None if args.no_metrics else args.metrics_port,
+        metrics_host=args.metrics_host,
     )
     return run_worker(settings)
 
@@ -203,6 +220,16 @@ def _run_chat(args: argparse.Namespace) -> int:
     from llamaq.client.terminal import run_chat
 
     return asyncio.run(run_chat(_client_url(args), _sampling_params(args), args.system))
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from llamaq.protocol import Keys
+
+    from .status import collect_status, print_status
+
+    status = asyncio.run(collect_status(_client_url(args), Keys(args.prefix, args.queue)))
+    print_status(status, sys.stdout, as_json=args.json)
+    return 0
 
 
 def _run_demo(args: argparse.Namespace) -> int:

@@ -33,7 +33,9 @@ from llamaq.protocol import (
 
 from .conversations import next_history
 from .engine import BatchSlice, DecodeError, Engine
+from .heartbeat import WorkerLoad
 from .kv_cache import KvCache
+from .metrics import ERROR, WorkerMetrics
 from .scheduler import Chunk, Scheduler
 from .sequence import Sequence
 from .state_keeper import StateKeeper
@@ -108,6 +110,7 @@ class EngineLoop:
         emit: Emit,
         prefix_cache: bool = True,
         state: Callable[[KvCache], StateKeeper] | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.engine = engine
         self.kv = KvCache(
@@ -125,6 +128,10 @@ class EngineLoop:
         self._stop: _Stop | None = None
         self.decode_retries = 0
         """Decodes retried after llama.cpp found no KV slot (each after evicting every idle sequence)."""
+        self.metrics = metrics
+        self._exported: dict[str, int] = {}
+        self.load = WorkerLoad(kv_cells_total=engine.n_ctx)
+        """What the loop is doing, as of its last iteration; read by the heartbeat from another thread."""
         self._thread: threading.Thread | None = None
 
     # --- called from other threads ------------------------------------------------------------------------
@@ -179,6 +186,7 @@ class EngineLoop:
                     if done and self.state is not None:
                         log.info("saved %d conversations to the state directory", self.state.save_all())
                     stats = None if done or not self.scheduler.has_work else self._step(out)
+                    self._observe(stats)
                 if out or stats:
                     self._emit(out, stats)
                 if done:
@@ -240,6 +248,8 @@ class EngineLoop:
                 )
         except ProtocolError as exc:
             out.append(Outgoing(request.key, ErrorEvent(n=0, code=exc.code, message=exc.message)))
+            if self.metrics is not None:
+                self.metrics.count_rejected(exc.code.value)
             return
         seed = request.params.seed if request.params.seed is not None else secrets.randbits(32) % (2**32 - 1)
         sequence = Sequence(
@@ -366,7 +376,7 @@ class EngineLoop:
         return sampled
 
     def _accept(self, sequence: Sequence, token: int, out: list[Outgoing]) -> None:
-        sequence.mark_first_token()
+        sequence.mark_token()
         if self.engine.is_end_of_generation(token):
             self._finish(sequence, FinishReason.STOP, out)
             return
@@ -386,6 +396,7 @@ class EngineLoop:
             out.append(Outgoing(sequence.key, TokenEvent(n=sequence.take_event_number(), text=tail, tokens=())))
         self._release(sequence)
         request = sequence.request
+        self._observe_finished(sequence, reason.value, None)
         history = None
         # A cancelled turn is not part of the conversation: the client never accepted its reply.
         if request.conversation is not None and reason is not FinishReason.CANCELLED:
@@ -396,6 +407,7 @@ class EngineLoop:
     def _fail(self, sequence: Sequence, error: ProtocolError, out: list[Outgoing]) -> None:
         # After an internal error the sequence's cells may not match its tokens: never reuse them.
         self._release(sequence, keep_cache=error.code is not ErrorCode.INTERNAL)
+        self._observe_finished(sequence, ERROR, error.code.value)
         out.append(
             Outgoing(sequence.key, ErrorEvent(n=sequence.take_event_number(), code=error.code, message=error.message))
         )
@@ -408,6 +420,79 @@ class EngineLoop:
         if to_clear is not None:
             self.engine.free_sequence(to_clear)
         self._by_key.pop(sequence.key, None)
+
+    def _observe(self, stats: StepStats | None) -> None:
+        """Bring the load snapshot and the metrics up to date after an iteration."""
+        running = self.scheduler.running
+        cells = min(sum(s.n_computed for s in running), self.engine.n_ctx)
+        cached = len(self.kv.idle_conversations())
+        self.load = WorkerLoad(
+            running=len(running),
+            waiting=len(self.scheduler.waiting),
+            kv_cells_used=cells,
+            kv_cells_total=self.engine.n_ctx,
+            sequences_in_use=self.kv.n_used,
+            conversations_cached=cached,
+        )
+        metrics = self.metrics
+        if metrics is None:
+            return
+        if stats is not None:
+            metrics.observe_step(stats.n_sequences, stats.n_tokens, stats.decode_s, stats.step_s)
+        metrics.set_kv(cells, self.engine.n_ctx, self.kv.n_used, cached)
+        metrics.set_queue(len(running), len(self.scheduler.waiting))
+        counts = {
+            "evictions": self.kv.evictions,
+            "preemptions": self.scheduler.preemptions,
+            "decode_retries": self.decode_retries,
+        }
+        if self.state is not None:
+            swap = self.state.swap
+            counts |= {"swap_out": swap.swaps_out, "swap_in": swap.swaps_in, "check_failures": swap.check_failures}
+            counts |= {f"refused:{reason}": n for reason, n in swap.refusals.items()}
+        for name, total in counts.items():
+            delta = total - self._exported.get(name, 0)
+            if delta:
+                self._exported[name] = total
+                self._export_count(metrics, name, delta)
+
+    @staticmethod
+    def _export_count(metrics: WorkerMetrics, name: str, delta: int) -> None:
+        if name == "evictions":
+            metrics.count_eviction(delta)
+        elif name == "preemptions":
+            metrics.count_preemption(delta)
+        elif name == "swap_out":
+            metrics.count_swap_out(delta)
+        elif name == "swap_in":
+            metrics.count_swap_in(delta)
+        elif name == "check_failures":
+            for _ in range(delta):
+                metrics.count_restore_check_failure()
+        elif name == "decode_retries":
+            for _ in range(delta):
+                metrics.count_decode_retry()
+        else:
+            for _ in range(delta):
+                metrics.count_restore_refused(name.removeprefix("refused:"))
+
+    def _observe_finished(self, sequence: Sequence, reason: str, code: str | None) -> None:
+        if self.metrics is None:
+            return
+        now = time.monotonic()
+        admitted = sequence.admitted_at or now
+        first = sequence.first_token_at
+        self.metrics.observe_finished(
+            reason,
+            code,
+            prompt_tokens=len(sequence.prompt_tokens),
+            cached_tokens=sequence.cached_tokens,
+            generation_tokens=len(sequence.generated),
+            queue_s=admitted - sequence.received_at,
+            ttft_s=None if first is None else first - sequence.received_at,
+            e2e_s=now - sequence.received_at,
+            inter_token_s=sequence.inter_token_s,
+        )
 
     def _done_event(self, sequence: Sequence, reason: FinishReason) -> DoneEvent:
         now = time.monotonic()

@@ -72,6 +72,8 @@ class KvCache:
     _idle: dict[int, _Idle] = field(init=False, default_factory=dict)
     _running: set[int] = field(init=False, default_factory=set)
     _clock: count[int] = field(init=False, default_factory=count)
+    evictions: int = field(init=False, default=0)
+    """Idle sequences evicted to make room (least recently used, or all after a failed decode)."""
 
     def __post_init__(self) -> None:
         # Lowest ids first, so a lightly loaded worker touches few streams.
@@ -128,6 +130,7 @@ class KvCache:
             return None
         oldest = min(evictable, key=lambda seq_id: self._idle[seq_id].last_used)
         idle = self._idle.pop(oldest)
+        self.evictions += 1
         self.ledger.drop(oldest)
         self._free.append(oldest)
         self._evicted.append(Evicted(oldest, idle.tokens, idle.owner))
@@ -192,6 +195,7 @@ class KvCache:
     def evict_idle(self) -> list[int]:
         """Free every idle sequence (llama.cpp found no room); the caller clears their cells."""
         ids = list(self._idle)
+        self.evictions += len(ids)
         self._idle.clear()
         self._free.extend(ids)
         for seq_id in ids:

@@ -17,6 +17,7 @@ from llamaq.protocol import EVENT_FIELD, ErrorEvent, FinalEvent, Keys, ProtocolE
 from .conversations import ConversationStore
 from .engine_loop import EngineLoop, Outgoing, StepStats
 from .in_flight import InFlight, Ticket
+from .metrics import WorkerMetrics
 
 log = logging.getLogger("llamaq.publisher")
 
@@ -44,6 +45,7 @@ class Publisher:
         self._queue: asyncio.Queue[_Batch] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
         self.engine_loop: EngineLoop | None = None
+        self.metrics: WorkerMetrics | None = None
 
     def emit_threadsafe(self, outgoing: list[Outgoing], stats: StepStats | None) -> None:
         """Hand a step's events over from the engine thread."""
@@ -68,6 +70,8 @@ class Publisher:
 
     async def reject(self, entry_id: bytes, reply_key: str | None, error: ProtocolError) -> None:
         """Answer an entry that never reached the engine with an error event, and ack it."""
+        if self.metrics is not None:
+            self.metrics.count_rejected(error.code.value)
         await self.answer(entry_id, reply_key, ErrorEvent(n=0, code=error.code, message=error.message))
 
     async def answer(self, entry_id: bytes, reply_key: str | None, event: FinalEvent) -> None:

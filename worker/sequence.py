@@ -57,6 +57,9 @@ class Sequence:
     restore_ms: float = 0.0
     prefix_source: PrefixSource = PrefixSource.NONE
     """Set by a restore attempt; otherwise decided from cached_tokens at the end."""
+    last_token_at: float | None = None
+    inter_token_s: list[float] = field(default_factory=list)
+    """Seconds between consecutive sampled tokens (inter-token latency)."""
 
     @property
     def key(self) -> str:
@@ -106,7 +109,11 @@ class Sequence:
         """True once the request's deadline has passed."""
         return self.request.deadline is not None and now_unix >= self.request.deadline
 
-    def mark_first_token(self) -> None:
-        """Record when the first token was sampled (time to first token)."""
+    def mark_token(self) -> None:
+        """Record when a token was sampled: the first for time to first token, the others' gaps."""
+        now = time.monotonic()
         if self.first_token_at is None:
-            self.first_token_at = time.monotonic()
+            self.first_token_at = now
+        elif self.last_token_at is not None:
+            self.inter_token_s.append(now - self.last_token_at)
+        self.last_token_at = now

@@ -16,10 +16,13 @@ from .conversations import ConversationStore
 from .embedded_valkey import EmbeddedValkey
 from .engine import Engine
 from .engine_loop import EngineLoop
+from .health_server import HealthServer
 from .in_flight import InFlight
 from .intake import Intake
 from .kv_cache import KvCache
+from .metrics import WorkerMetrics
 from .model_files import default_model_path, model_digest
+from .monitor import Monitor
 from .publisher import Publisher
 from .settings import WorkerSettings
 from .state_dir import StateDir
@@ -42,6 +45,9 @@ class Worker:
         self._stop_requests = 0
         self._stop_event: asyncio.Event | None = None
         self.engine_loop: EngineLoop | None = None
+        self.metrics: WorkerMetrics | None = None
+        self.monitor: Monitor | None = None
+        self.health_port: int | None = None
 
     def request_stop(self) -> None:
         """Begin a graceful shutdown; a second call cancels what is still running."""
@@ -79,8 +85,13 @@ class Worker:
         conversations = ConversationStore(redis, settings.keys, settings.conversation_ttl_s, detokenize)
         publisher = Publisher(redis, settings.keys, in_flight, settings.reply_ttl_s, conversations)
         state = await asyncio.to_thread(self._state_keeper_factory, engine)
-        engine_loop = EngineLoop(engine, settings.n_batch, publisher.emit_threadsafe, settings.prefix_cache, state)
+        layout = "unified" if settings.kv_unified else "per-sequence"
+        self.metrics = metrics = WorkerMetrics(engine.model_name, settings.consumer, kv_layout=layout)
+        engine_loop = EngineLoop(
+            engine, settings.n_batch, publisher.emit_threadsafe, settings.prefix_cache, state, metrics
+        )
         publisher.engine_loop = engine_loop
+        publisher.metrics = metrics
         self.engine_loop = engine_loop
         intake = Intake(
             redis,
@@ -93,15 +104,23 @@ class Worker:
             publisher,
             conversations,
         )
+        self.monitor = monitor = Monitor(redis, settings, engine, engine_loop, metrics)
+        health = self._health_server(monitor, metrics)
         try:
             await intake.join_group()
+            monitor.group_joined = True
             engine_loop.start()
             publishing = asyncio.create_task(publisher.run(), name="publisher")
             reading = asyncio.create_task(intake.run(), name="intake")
+            monitoring = asyncio.create_task(monitor.run(), name="monitor")
             self._announce(url, engine)
+            if health is not None:
+                self._say(f"metrics on http://{settings.metrics_host}:{health.port}/metrics")
             if on_ready is not None:
                 on_ready()
             crashed = await self._wait_for_stop(engine_loop, reading)
+            monitoring.cancel()
+            await monitor.leave()
             intake.stop()
             await reading
             engine_loop.stop(settings.drain_timeout_s if self._stop_requests < 2 else 0.0)
@@ -111,7 +130,18 @@ class Worker:
             self._say("llamaq worker stopped")
             return 1 if crashed else 0
         finally:
+            if health is not None:
+                health.stop()
             await redis.aclose()
+
+    def _health_server(self, monitor: Monitor, metrics: WorkerMetrics) -> HealthServer | None:
+        s = self.settings
+        if s.metrics_port is None:
+            return None
+        server = HealthServer(metrics, s.metrics_host, s.metrics_port, monitor.alive, monitor.ready)
+        server.start()
+        self.health_port = server.port
+        return server
 
     def _state_keeper_factory(self, engine: Engine) -> Callable[[KvCache], StateKeeper] | None:
         """How the engine loop builds its swap tier, when a state directory is configured."""

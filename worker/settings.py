@@ -60,6 +60,10 @@ class WorkerSettings:
     """Size cap of the state directory; swap files go least recently used first to stay under it."""
     swap_min_tokens: int = 64
     """Shorter conversations are not swapped out: recomputing them costs less than a file."""
+    metrics_port: int | None = 9464
+    """Port of /metrics, /healthz and /readyz; 0 picks a free one, None serves none."""
+    metrics_host: str = "0.0.0.0"
+    """Address the metrics server binds; Prometheus scrapes it from other hosts."""
     restore_tolerance: float = 0.0
     """Largest absolute logit difference a verified restore may show. 0 demands bit-identical logits, which the
     CPU gives (measured); on a GPU, tests/test_gpu_offload.py measures the difference (docs/gpu-runs.md)."""
