@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--metrics-port",
         type=int,
-        default=int(os.environ.get("LLAMAQ_METRICS_PORT", "9464")),
+        default=os.environ.get("LLAMAQ_METRICS_PORT", "9464"),
         help="port of /metrics, /healthz and /readyz (0: any free port)",
     )
     worker.add_argument("--metrics-host", default="0.0.0.0", help="address the metrics server binds")

@@ -36,6 +36,7 @@ from .engine import BatchSlice, DecodeError, Engine
 from .heartbeat import WorkerLoad
 from .kv_cache import KvCache
 from .metrics import ERROR, WorkerMetrics
+from .resume import Resume
 from .scheduler import Chunk, Scheduler
 from .sequence import Sequence
 from .state_keeper import StateKeeper
@@ -78,6 +79,7 @@ class StepStats:
 class _Submit:
     request: Request
     received_at: float
+    resume: Resume | None = None
 
 
 @dataclass(frozen=True)
@@ -141,9 +143,10 @@ class EngineLoop:
         self._thread = threading.Thread(target=self.run, name="llamaq-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, request: Request, received_at: float) -> None:
-        """Queue a validated request; its events (or its error) come out through emit."""
-        self._inbox.put(_Submit(request, received_at))
+    def submit(self, request: Request, received_at: float, resume: Resume | None = None) -> None:
+        """Queue a validated request; its events (or its error) come out through emit. With `resume`, it goes
+        on after the tokens and events another worker already published."""
+        self._inbox.put(_Submit(request, received_at, resume))
 
     def cancel(self, request_key: str) -> None:
         """Stop a request (by Request.key) at the next step; it ends with a done event, finish_reason cancelled."""
@@ -260,8 +263,13 @@ class EngineLoop:
             text=TextStream(request.params.stop),
         )
         sequence.sampler = self.engine.new_sampler(request.params, seed)
+        if command.resume is not None:
+            self._resume(sequence, command.resume)
         self._by_key[request.key] = sequence
         self.scheduler.add(sequence)
+        if len(sequence.generated) >= max_tokens:
+            # A resumed request whose last token was sent just before its worker died.
+            self._finish(sequence, FinishReason.LENGTH, out)
 
     def _run_state_op(self, request: Request, out: list[Outgoing]) -> None:
         try:
@@ -271,6 +279,15 @@ class EngineLoop:
         except ProtocolError as exc:
             event = ErrorEvent(n=0, code=exc.code, message=exc.message)
         out.append(Outgoing(request.key, event))
+
+    def _resume(self, sequence: Sequence, resume: Resume) -> None:
+        """Take over what was already sent: the tokens (computed again with the prompt, like a preempted
+        sequence), the event numbering, and the text decoder's state (held-back UTF-8 or stop-string prefix)."""
+        sequence.generated = list(resume.tokens)
+        sequence.reply = list(resume.texts)
+        sequence.next_event = resume.next_event
+        for token in resume.tokens:
+            sequence.text.push(self.engine.token_bytes(token))  # its output was published already
 
     def _prompt_tokens(self, request: Request) -> list[int]:
         if request.kind is RequestKind.CHAT:

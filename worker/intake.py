@@ -31,6 +31,7 @@ from .conversations import ConversationStore
 from .engine_loop import EngineLoop, cancelled_before_start
 from .in_flight import InFlight, Ticket
 from .publisher import Publisher
+from .resume import published_so_far
 
 log = logging.getLogger("llamaq.intake")
 
@@ -102,7 +103,16 @@ class Intake:
                 for entry_id, fields in entries:
                     await self._accept(entry_id, fields)
 
-    async def _accept(self, entry_id: bytes, fields: dict[bytes, bytes] | None) -> None:
+    @property
+    def room(self) -> int:
+        """Requests this worker can take on now."""
+        return self._max_in_flight - len(self._in_flight)
+
+    async def accept_claimed(self, entry_id: bytes, fields: dict[bytes, bytes] | None) -> None:
+        """Serve an entry claimed from a dead worker: resumed after the events it had already published."""
+        await self._accept(entry_id, fields, claimed=True)
+
+    async def _accept(self, entry_id: bytes, fields: dict[bytes, bytes] | None, claimed: bool = False) -> None:
         received_at = time.monotonic()
         data = (fields or {}).get(REQUEST_FIELD)
         if data is None:
@@ -143,8 +153,13 @@ class Intake:
         except ProtocolError as exc:
             await self._publisher.reject(entry_id, reply_key, exc)
             return
+        resume = await published_so_far(self._redis, reply_key) if claimed else None
+        if resume is not None and resume.finished:
+            # The dead worker wrote the final event but died before its ack.
+            await self._publisher.ack(entry_id)
+            return
         self._in_flight.add(Ticket(request.key, entry_id, reply_key, cancel_key))
-        self._engine_loop.submit(request, received_at)
+        self._engine_loop.submit(request, received_at, resume)
 
     async def _run_op(self, entry_id: bytes, reply_key: str, request: Request) -> None:
         try:

@@ -74,6 +74,10 @@ class Publisher:
             self.metrics.count_rejected(error.code.value)
         await self.answer(entry_id, reply_key, ErrorEvent(n=0, code=error.code, message=error.message))
 
+    async def ack(self, entry_id: bytes) -> None:
+        """Ack (and delete) an entry that needs no event: it was answered before."""
+        await self._execute(lambda pipe: self._ack(pipe, entry_id))
+
     async def answer(self, entry_id: bytes, reply_key: str | None, event: FinalEvent) -> None:
         """Write the only event of an entry that never reached the engine, and ack it."""
 

@@ -9,6 +9,7 @@ import signal
 import sys
 from collections.abc import Callable
 from typing import TextIO
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 
@@ -24,6 +25,7 @@ from .metrics import WorkerMetrics
 from .model_files import default_model_path, model_digest
 from .monitor import Monitor
 from .publisher import Publisher
+from .reclaimer import Reclaimer
 from .settings import WorkerSettings
 from .state_dir import StateDir
 from .state_file import Fingerprint
@@ -113,6 +115,8 @@ class Worker:
             publishing = asyncio.create_task(publisher.run(), name="publisher")
             reading = asyncio.create_task(intake.run(), name="intake")
             monitoring = asyncio.create_task(monitor.run(), name="monitor")
+            reclaimer = Reclaimer(redis, settings.keys, settings.consumer, lambda: intake.room, intake.accept_claimed)
+            reclaiming = asyncio.create_task(reclaimer.run(), name="reclaimer")
             self._announce(url, engine)
             if health is not None:
                 self._say(f"metrics on http://{settings.metrics_host}:{health.port}/metrics")
@@ -120,6 +124,7 @@ class Worker:
                 on_ready()
             crashed = await self._wait_for_stop(engine_loop, reading)
             monitoring.cancel()
+            reclaiming.cancel()
             await monitor.leave()
             intake.stop()
             await reading
@@ -179,11 +184,24 @@ class Worker:
                 f"state directory {s.state_dir} (cap {s.state_dir_max_bytes >> 20} MiB), restores verified "
                 f"against saved logits with tolerance {s.restore_tolerance}"
             )
-        self._say(f"consumer {s.consumer} on {s.keys.requests} at {url}")
+        self._say(f"consumer {s.consumer} on {s.keys.requests} at {redacted(url)}")
         self._say(READY_LINE)
 
     def _say(self, line: str) -> None:
         print(line, file=self._out, flush=True)
+
+
+def redacted(url: str) -> str:
+    """A Redis URL fit for logs: its password replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def run_worker(settings: WorkerSettings) -> int:

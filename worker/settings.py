@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import socket
@@ -14,8 +15,22 @@ from .engine import EngineConfig, KvType
 
 
 def default_threads() -> int:
-    """Threads for llama.cpp: every core this process may use."""
-    return max(1, len(os.sched_getaffinity(0)))
+    """Threads for llama.cpp: every core this process may use, within a container's CPU quota."""
+    cores = len(os.sched_getaffinity(0))
+    quota = _cgroup_cpu_quota()
+    return max(1, min(cores, quota) if quota is not None else cores)
+
+
+def _cgroup_cpu_quota() -> int | None:
+    # A container limited to 2 CPUs on a 64-core host still sees 64 cores in its affinity mask; llama.cpp with
+    # 64 threads would then be throttled hard. cgroup v2 states the quota in cpu.max as "quota period".
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()  # noqa: SIM115 - one short read
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    return max(1, math.ceil(int(quota) / int(period)))
 
 
 def default_consumer_name() -> str:
