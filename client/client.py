@@ -18,6 +18,8 @@ from redis.exceptions import RedisError
 from llamaq.protocol import (
     DEFAULT_PREFIX,
     DEFAULT_QUEUE,
+    ENQUEUE_SCRIPT,
+    MAX_BACKLOG_FIELD,
     REQUEST_FIELD,
     ConversationCommand,
     ConversationOp,
@@ -115,9 +117,35 @@ class Client:
     ) -> RequestHandle:
         """Send a chat (messages) or completion (prompt) request and return its handle."""
         self._commands()
-        return await self._send(self._new_request(messages, prompt, options), options.get("deadline_s"))
+        request = self._new_request(messages, prompt, options)
+        return await self._send(request, options.get("deadline_s"), bool(options.get("wait_if_overloaded")))
 
-    async def _send(self, request: Request, deadline_s: float | None) -> RequestHandle:
+    async def _enqueue(
+        self, commands: aioredis.Redis, request: Request, wait_if_overloaded: bool, deadline_s: float | None
+    ) -> None:
+        """Add the request under the queue's backlog bound: `overloaded` at once when full, or wait for room
+        (up to the deadline) when asked to."""
+        payload = encode_request(request, self.keys)
+        give_up_at = None if deadline_s is None else anyio.current_time() + deadline_s
+        delay = 0.05
+        while True:
+            pipe = commands.pipeline(transaction=False)
+            pipe.xadd(self.wake_key, {"w": "1"}, maxlen=1, approximate=False)
+            pipe.expire(self.wake_key, WAKE_TTL_S)
+            pipe.eval(
+                ENQUEUE_SCRIPT, 2, self.keys.requests, self.keys.config, payload, MAX_BACKLOG_FIELD, REQUEST_FIELD
+            )
+            *_, entry_id = await pipe.execute()
+            if entry_id is not None:
+                return
+            if not wait_if_overloaded or (give_up_at is not None and anyio.current_time() + delay > give_up_at):
+                raise RequestFailed(ErrorCode.OVERLOADED, "the queue's backlog is full; try again later")
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def _send(
+        self, request: Request, deadline_s: float | None, wait_if_overloaded: bool = False
+    ) -> RequestHandle:
         commands = self._commands()
         if self._replies.failure is not None:
             raise RequestFailed(ErrorCode.INTERNAL, self._replies.failure)
@@ -125,12 +153,8 @@ class Client:
         send, receive = anyio.create_memory_object_stream[Event](math.inf)
         inflight = Inflight(request.id, send, receive)
         self._replies.inflight[reply_key] = inflight
-        pipe = commands.pipeline(transaction=False)
-        pipe.xadd(self.wake_key, {"w": "1"}, maxlen=1, approximate=False)
-        pipe.expire(self.wake_key, WAKE_TTL_S)
-        pipe.xadd(self.keys.requests, {REQUEST_FIELD: encode_request(request, self.keys)})
         try:
-            await pipe.execute()
+            await self._enqueue(commands, request, wait_if_overloaded, deadline_s)
         except BaseException:
             del self._replies.inflight[reply_key]
             inflight.close()
@@ -276,6 +300,8 @@ class Client:
             created=now,
             conversation=options.get("conversation"),
             append=bool(options.get("append", False)),
+            priority=int(options.get("priority", 0)),
+            tenant=options.get("tenant"),
         )
 
     def _commands(self) -> aioredis.Redis:

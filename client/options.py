@@ -34,14 +34,20 @@ class RequestOptions(SamplingKwargs, total=False):
     deadline_s: float | None
     conversation: str | None
     append: bool
+    priority: int
+    """-100 to 100: higher is served first under contention and preempted last."""
+    tenant: str | None
+    """Fairness key: the worker shares its sequences between tenants."""
+    wait_if_overloaded: bool
+    """When the queue's backlog is full, wait for room (up to deadline_s) instead of failing with overloaded."""
 
 
 def sampling_params(options: Mapping[str, Any]) -> tuple[SamplingParams, float | None]:
     """Split keyword options into SamplingParams and deadline_s; TypeError on an unknown name."""
     values = dict(options)
     deadline_s = values.pop("deadline_s", None)
-    values.pop("conversation", None)
-    values.pop("append", None)
+    for name in ("conversation", "append", "priority", "tenant", "wait_if_overloaded"):
+        values.pop(name, None)
     stop = values.pop("stop", None)
     if stop is not None:
         values["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)

@@ -1,5 +1,6 @@
 """The llamaq wire protocol: message types, msgpack codecs, validation and key names. Pure data, no I/O."""
 
+from .admission import ENQUEUE_SCRIPT, MAX_BACKLOG_FIELD
 from .codec import (
     EVENT_FIELD,
     REQUEST_FIELD,
@@ -37,7 +38,9 @@ from .messages import (
 __all__ = [
     "DEFAULT_PREFIX",
     "DEFAULT_QUEUE",
+    "ENQUEUE_SCRIPT",
     "EVENT_FIELD",
+    "MAX_BACKLOG_FIELD",
     "PROTOCOL_VERSION",
     "REQUEST_FIELD",
     "STATE_OPS",

@@ -11,7 +11,7 @@ import msgpack
 
 from .conversation import command_to_wire, parse_command
 from .errors import ErrorCode, ProtocolError, invalid
-from .keys import Keys, is_valid_id
+from .keys import Keys, is_valid_id, is_valid_name
 from .limits import Limits
 from .messages import (
     PROTOCOL_VERSION,
@@ -53,8 +53,11 @@ _KNOWN_REQUEST_KEYS = frozenset(
         "to_message",
         "drop_tokens",
         "into",
+        "priority",
+        "tenant",
     }
 )
+MAX_PRIORITY = 100
 _PARAM_NAMES = frozenset(SamplingParams.__dataclass_fields__)
 
 
@@ -81,6 +84,10 @@ def encode_request(request: Request, keys: Keys) -> bytes:
         body["append"] = True
     if request.deadline is not None:
         body["deadline"] = request.deadline
+    if request.priority:
+        body["priority"] = request.priority
+    if request.tenant is not None:
+        body["tenant"] = request.tenant
     packed: bytes = msgpack.packb(body, use_bin_type=True)
     return packed
 
@@ -134,6 +141,8 @@ def decode_request(data: bytes, keys: Keys, limits: Limits) -> Request:
         conversation=conversation,
         append=append,
         command=command,
+        priority=_int_in(body.get("priority", 0), "priority", -MAX_PRIORITY, MAX_PRIORITY),
+        tenant=_optional_tenant(body.get("tenant")),
     )
 
 
@@ -149,6 +158,14 @@ def _optional_conversation(body: Mapping[str, Any]) -> str | None:
         return None
     if not isinstance(value, str) or not is_valid_id(value):
         raise invalid("conversation must be 8 to 64 characters of [A-Za-z0-9_-]")
+    return value
+
+
+def _optional_tenant(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not is_valid_name(value):
+        raise invalid("tenant must be 1 to 64 characters of [A-Za-z0-9_.-]")
     return value
 
 

@@ -73,3 +73,8 @@ class Keys:
     def heartbeat(self, worker: str) -> str:
         """A worker's heartbeat hash (id, model, capacity, load) with a short TTL, in the queue's slot."""
         return f"{self.prefix}:{{q:{self.queue}}}:worker:{worker}"
+
+    @property
+    def config(self) -> str:
+        """The queue's settings that clients honour (the backlog bound), written by its workers."""
+        return f"{self.prefix}:{{q:{self.queue}}}:config"

@@ -127,6 +127,10 @@ class Request:
     """With a conversation: messages (or prompt) continue the stored history instead of repeating it."""
     command: ConversationCommand | None = None
     """Kind `op` only: what to do to the conversation."""
+    priority: int = 0
+    """Higher is served first under contention, and preempted last; -100 to 100."""
+    tenant: str | None = None
+    """Who the request is for (a user, a team, an API key): a worker shares its sequences fairly between tenants."""
 
     @property
     def key(self) -> str:

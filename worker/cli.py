@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from llamaq.protocol import Limits
+
 from .engine import KvType
 
 
@@ -60,6 +62,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     worker.add_argument(
         "--swap-min-tokens", type=int, default=64, help="shortest conversation worth swapping out to disk"
+    )
+    worker.add_argument(
+        "--max-backlog",
+        type=int,
+        default=10_000,
+        help="requests the stream may hold before clients get `overloaded` at once (0: unbounded)",
+    )
+    limits = Limits()
+    worker.add_argument("--max-entry-bytes", type=int, default=limits.max_entry_bytes, help="largest request entry")
+    worker.add_argument("--max-messages", type=int, default=limits.max_messages, help="most messages in a chat")
+    worker.add_argument(
+        "--max-request-tokens", type=int, default=limits.max_tokens, help="largest max_tokens a request may ask"
+    )
+    worker.add_argument(
+        "--max-text-chars", type=int, default=limits.max_text_chars, help="longest prompt or message text"
     )
     worker.add_argument(
         "--metrics-port",
@@ -205,6 +222,13 @@ def _run_worker(args: argparse.Namespace) -> int:
         swap_min_tokens=args.swap_min_tokens,
         restore_tolerance=args.restore_tolerance,
         metrics_port=None if args.no_metrics else args.metrics_port,
+        max_backlog=args.max_backlog,
+        limits=Limits(
+            max_entry_bytes=args.max_entry_bytes,
+            max_messages=args.max_messages,
+            max_tokens=args.max_request_tokens,
+            max_text_chars=args.max_text_chars,
+        ),
         metrics_host=args.metrics_host,
     )
     return run_worker(settings)

@@ -11,6 +11,8 @@ import time
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from llamaq.protocol import MAX_BACKLOG_FIELD
+
 from .engine import Engine
 from .engine_loop import EngineLoop
 from .heartbeat import HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S, WorkerIdentity, beat, remove
@@ -57,6 +59,8 @@ class Monitor:
         """One heartbeat and one refresh of the gauges that come from Redis and the state directory."""
         try:
             await beat(self._redis, self._settings.keys, self.identity, self._engine_loop.load)
+            # Clients read the bound from Redis; every worker restates it, so a restarted Redis has it again.
+            await self._redis.hset(self._settings.keys.config, MAX_BACKLOG_FIELD, self._settings.max_backlog)
             depth = await queue_depth(self._redis, self._settings.keys)
             self._metrics.set_backlog(depth.undelivered, depth.pending_by_consumer.get(self.identity.worker, 0))
             self._redis_ok_at = time.monotonic()

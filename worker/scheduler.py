@@ -8,11 +8,12 @@ running sequence, so streams never stall), then chunks of pending prompts in adm
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import count
 
-from .kv_cache import MIN_COPY_TOKENS, Evicted, KvCache, common_prefix_length
+from .kv_cache import MIN_COPY_TOKENS, Allocation, Evicted, KvCache, common_prefix_length
 from .sequence import Sequence, Status
 
 
@@ -55,7 +56,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
-        """Running sequences sent back to the queue to make room (unified layout)."""
+        """Running sequences sent back to the queue: to make room (unified layout), or for higher priority."""
+        self._arrivals = count()
 
     @property
     def has_work(self) -> bool:
@@ -67,8 +69,9 @@ class Scheduler:
         yield from self.waiting
 
     def add(self, sequence: Sequence) -> None:
-        """Queue a sequence behind those already waiting."""
+        """Queue a sequence behind those already waiting (admission still orders by priority and tenant)."""
         sequence.status = Status.WAITING
+        sequence.arrival = next(self._arrivals)
         self.waiting.append(sequence)
 
     def schedule(self) -> StepPlan:
@@ -79,7 +82,7 @@ class Scheduler:
         cleared and they go back to the head of the queue, keeping what they generated and their event numbers).
         """
         cleared: list[int] = []
-        admitted = self._admit()
+        admitted = self._admit(cleared)
         chunks = self._plan()
         room = self.kv.room()
         while room is not None and sum(len(c.tokens) for c in chunks) > room:
@@ -87,8 +90,8 @@ class Scheduler:
             if self.kv.evict_lru() is None:
                 if len(self.running) <= 1:
                     break  # one sequence always fits: its prompt plus max_tokens was checked against the cells
-                victim = self.running[-1]
-                assert victim.seq_id is not None
+                victim = self._victim(self.running)
+                assert victim is not None and victim.seq_id is not None
                 cleared.append(victim.seq_id)
                 if victim in admitted:
                     admitted.remove(victim)
@@ -152,15 +155,32 @@ class Scheduler:
         sequence.status = Status.FINISHED
         return to_clear
 
-    def _admit(self) -> list[Sequence]:
-        admitted = []
-        for sequence in list(self.waiting):
+    def _admit(self, cleared: list[int]) -> list[Sequence]:
+        """Admit waiting sequences, highest priority first, then the tenant with the fewest running, then
+        arrival. A sequence that finds no room may preempt a running one of lower priority (its id goes to
+        `cleared`)."""
+        admitted: list[Sequence] = []
+        running_by_tenant = Counter(_tenant(s) for s in self.running)
+        waiting = sorted(self.waiting, key=lambda s: (-s.request.priority, s.arrival))
+        while waiting:
+            sequence = min(waiting, key=lambda s: (-s.request.priority, running_by_tenant[_tenant(s)], s.arrival))
+            waiting.remove(sequence)
             if self._prefix_in_progress(sequence):
                 continue
-            computed = {s.seq_id: s.computed_tokens() for s in self.running if s.seq_id is not None}
-            allocation = self.kv.admit(sequence.all_tokens(), computed, sequence.request.conversation)
+            allocation = self._allocate(sequence)
             if allocation is None:
-                break
+                victim = self._victim([s for s in self.running if s.request.priority < sequence.request.priority])
+                if victim is None:
+                    break
+                assert victim.seq_id is not None
+                cleared.append(victim.seq_id)
+                if victim in admitted:
+                    admitted.remove(victim)
+                self._preempt(victim)
+                running_by_tenant[_tenant(victim)] -= 1
+                allocation = self._allocate(sequence)
+                if allocation is None:
+                    break
             self.waiting.remove(sequence)
             sequence.seq_id = allocation.seq_id
             sequence.copy_from = allocation.copy_from
@@ -171,7 +191,19 @@ class Scheduler:
             sequence.admitted_at = time.monotonic()
             self.running.append(sequence)
             admitted.append(sequence)
+            running_by_tenant[_tenant(sequence)] += 1
         return admitted
+
+    def _allocate(self, sequence: Sequence) -> Allocation | None:
+        computed = {s.seq_id: s.computed_tokens() for s in self.running if s.seq_id is not None}
+        return self.kv.admit(sequence.all_tokens(), computed, sequence.request.conversation)
+
+    @staticmethod
+    def _victim(candidates: list[Sequence]) -> Sequence | None:
+        """Whom to preempt: the lowest priority, and among those the most recently admitted (least work lost)."""
+        if not candidates:
+            return None
+        return min(reversed(candidates), key=lambda s: s.request.priority)
 
     def _prefix_in_progress(self, sequence: Sequence) -> bool:
         """True while a running sequence is still prefilling a long prefix this one shares: waiting a few steps
@@ -184,3 +216,8 @@ class Scheduler:
                 if shared >= MIN_COPY_TOKENS and running.n_computed < min(shared, len(sequence.prompt_tokens) - 1):
                     return True
         return False
+
+
+def _tenant(sequence: Sequence) -> str:
+    """The fairness key: the request's tenant, else the client that sent it."""
+    return sequence.request.tenant or sequence.request.client_id

@@ -44,6 +44,8 @@ class Sequence:
     reply: list[str] = field(default_factory=list)
     """Every text delta sent to the client, in order."""
     next_event: int = 0
+    arrival: int = 0
+    """Order in which the scheduler first queued it; kept through preemptions, so those go first again."""
     preemptions: int = 0
     """Times the sequence lost its KV to make room and went back to the queue to be recomputed."""
     admitted_at: float | None = None

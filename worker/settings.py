@@ -69,6 +69,8 @@ class WorkerSettings:
     conversation_ttl_s: int = 7 * 24 * 3600
     """How long a named conversation's history lives in Redis after its last turn."""
     limits: Limits = field(default_factory=Limits)
+    max_backlog: int = 10_000
+    """Entries the request stream may hold before clients get `overloaded` at once (0: unbounded)."""
     state_dir: Path | None = None
     """Where evicted conversations are swapped to and saved states live; None keeps KV in memory only."""
     state_dir_max_bytes: int = 4 << 30
