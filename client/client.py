@@ -34,6 +34,7 @@ from llamaq.protocol import (
     is_valid_id,
 )
 
+from .connection import open_redis
 from .errors import RequestFailed, succeeded
 from .in_flight import CANCEL_TTL_S, CLEANUP_TIMEOUT_S, Inflight
 from .options import MessageLike, RequestOptions, chat_message, resolve_url, sampling_params
@@ -83,9 +84,9 @@ class Client:
         return cls(resolve_url(url), prefix=prefix, queue=queue, client_id=client_id)
 
     async def __aenter__(self) -> Client:
-        self._redis = aioredis.Redis.from_url(self._url)
+        self._redis = open_redis(self._url)
         # The reader blocks in XREAD, so it needs a connection that nothing else waits on.
-        self._reader = aioredis.Redis.from_url(self._url)
+        self._reader = open_redis(self._url)
         self._tasks = anyio.create_task_group()
         await self._tasks.__aenter__()
         self._tasks.start_soon(self._replies.run, self._reader, self._redis)
@@ -122,7 +123,7 @@ class Client:
 
     async def _enqueue(
         self, commands: aioredis.Redis, request: Request, wait_if_overloaded: bool, deadline_s: float | None
-    ) -> None:
+    ) -> bytes | str:
         """Add the request under the queue's backlog bound: `overloaded` at once when full, or wait for room
         (up to the deadline) when asked to."""
         payload = encode_request(request, self.keys)
@@ -137,7 +138,8 @@ class Client:
             )
             *_, entry_id = await pipe.execute()
             if entry_id is not None:
-                return
+                entry: bytes | str = entry_id
+                return entry
             if not wait_if_overloaded or (give_up_at is not None and anyio.current_time() + delay > give_up_at):
                 raise RequestFailed(ErrorCode.OVERLOADED, "the queue's backlog is full; try again later")
             await anyio.sleep(delay)
@@ -154,7 +156,7 @@ class Client:
         inflight = Inflight(request.id, send, receive)
         self._replies.inflight[reply_key] = inflight
         try:
-            await self._enqueue(commands, request, wait_if_overloaded, deadline_s)
+            inflight.entry_id = await self._enqueue(commands, request, wait_if_overloaded, deadline_s)
         except BaseException:
             del self._replies.inflight[reply_key]
             inflight.close()

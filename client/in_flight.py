@@ -23,6 +23,8 @@ class Inflight:
     send: MemoryObjectSendStream[Event]
     receive: MemoryObjectReceiveStream[Event]
     last_id: bytes | str = b"0-0"
+    entry_id: bytes | str | None = None
+    """The request's entry in the request stream, once queued."""
     next_n: int = 0
     abandoned_at: float | None = None
     failed_locally: bool = False

@@ -36,6 +36,8 @@ class ReplyReader:
             while True:
                 streams = self._streams_to_read(wake_id)
                 try:
+                    if retries:
+                        await self._fail_lost(commands)
                     response = await reader.xread(streams, block=self._block_ms)  # type: ignore[arg-type]
                 except (RedisConnectionError, RedisTimeoutError):
                     # The streams keep every event, so reading again from the last ids loses nothing.
@@ -55,6 +57,28 @@ class ReplyReader:
             for inflight in self.inflight.values():
                 inflight.fail(ErrorCode.INTERNAL, self.failure)
             self.inflight.clear()
+
+    async def _fail_lost(self, commands: aioredis.Redis) -> None:
+        """After a lost connection: a request whose entry is gone from the request stream while no reply
+        stream exists for it was lost with Redis's state (a restart without persistence). Fail it now: no
+        worker will ever answer it."""
+        waiting = [(key, i) for key, i in self.inflight.items() if i.entry_id is not None and i.next_n == 0]
+        if not waiting:
+            return
+        pipe = commands.pipeline(transaction=False)
+        for key, inflight in waiting:
+            assert inflight.entry_id is not None
+            pipe.exists(key)
+            pipe.xrange(self.keys.requests, inflight.entry_id, inflight.entry_id)
+        found = await pipe.execute()
+        for index, (key, inflight) in enumerate(waiting):
+            reply_exists, entry = found[2 * index], found[2 * index + 1]
+            if not reply_exists and not entry:
+                inflight.fail(ErrorCode.INTERNAL, "request lost: Redis lost its state (restarted?); send it again")
+                self.inflight.pop(key, None)
+                # A worker that read it before the loss must not spend a sequence on it.
+                with suppress(RedisError):
+                    await commands.set(self.keys.cancel(self.client_id, inflight.request_id), 1, ex=CANCEL_TTL_S)
 
     async def close_all(self, commands: aioredis.Redis) -> None:
         """Cancel every request whose consumer never finished and end their event streams."""

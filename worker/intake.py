@@ -101,7 +101,20 @@ class Intake:
                 continue
             for _stream, entries in response or []:
                 for entry_id, fields in entries:
-                    await self._accept(entry_id, fields)
+                    await self._accept_until_done(entry_id, fields)
+
+    async def _accept_until_done(self, entry_id: bytes, fields: dict[bytes, bytes] | None) -> None:
+        """Accept an entry, retrying while Redis is unreachable: the entry is ours (in our PEL) and no other
+        worker will claim it while we heartbeat, so giving up would strand it."""
+        delay = 0.1
+        while True:
+            try:
+                await self._accept(entry_id, fields)
+                return
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                log.warning("handling entry %r failed (%s); retrying in %.1fs", entry_id, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     @property
     def room(self) -> int:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import TextIO
 from urllib.parse import urlsplit, urlunsplit
 
-import redis.asyncio as aioredis
+from llamaq.client.connection import open_redis
 
 from .conversations import ConversationStore
 from .embedded_valkey import EmbeddedValkey
@@ -74,7 +74,7 @@ class Worker:
 
     async def _serve(self, url: str, engine: Engine, on_ready: Callable[[], None] | None) -> int:
         settings = self.settings
-        redis = aioredis.Redis.from_url(url, health_check_interval=30)
+        redis = open_redis(url, health_check_interval=30)
         in_flight = InFlight()
 
         async def detokenize(tokens: list[int]) -> str:

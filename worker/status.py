@@ -6,8 +6,7 @@ import json
 import time
 from typing import Any, TextIO
 
-import redis.asyncio as aioredis
-
+from llamaq.client.connection import open_redis
 from llamaq.protocol import Keys
 
 from .heartbeat import live_workers
@@ -16,7 +15,7 @@ from .queue_stats import queue_depth
 
 async def collect_status(url: str, keys: Keys) -> dict[str, Any]:
     """Workers (from their heartbeats) and the queue's depth, as one map."""
-    redis = aioredis.Redis.from_url(url)
+    redis = open_redis(url)
     try:
         workers = await live_workers(redis, keys)
         depth = await queue_depth(redis, keys)
