@@ -78,3 +78,11 @@ class Keys:
     def config(self) -> str:
         """The queue's settings that clients honour (the backlog bound), written by its workers."""
         return f"{self.prefix}:{{q:{self.queue}}}:config"
+
+    def inbox(self, worker: str) -> str:
+        """A worker's own request stream: turns of conversations it holds, handed over by other workers."""
+        return f"{self.prefix}:{{q:{self.queue}}}:inbox:{worker}"
+
+    def owner(self, conversation_id: str) -> str:
+        """Which worker holds a conversation's KV (valid while that worker's heartbeat lives)."""
+        return f"{self.prefix}:{{v:{conversation_id}}}:owner"

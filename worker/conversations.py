@@ -31,7 +31,8 @@ Detokenize = Callable[[list[int]], Awaitable[str]]
 class ConversationStore:
     """Conversation histories under one key prefix."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, ttl_s: int, detokenize: Detokenize) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, ttl_s: int, detokenize: Detokenize, worker: str = "") -> None:
+        self._worker = worker
         self._redis = redis
         self._keys = keys
         self._ttl_s = ttl_s
@@ -56,12 +57,15 @@ class ConversationStore:
             return replace(request, messages=history.messages + request.messages, append=False)
         return replace(request, prompt=history.text + request.prompt, append=False)
 
-    def save(self, pipe: Pipeline, conversation: str, history: History) -> None:
-        """Queue the write of a turn's history (and its TTL) on a pipeline."""
+    def save(self, pipe: Pipeline, conversation: str, history: History, served_here: bool = False) -> None:
+        """Queue the write of a turn's history (and its TTL) on a pipeline; a turn this worker served also
+        makes it the conversation's owner, so other workers hand it the next turn (its KV is here)."""
         key = self._keys.conversation(conversation)
         pipe.delete(key)
         pipe.hset(key, mapping=encode_history(history))  # type: ignore[arg-type]
         pipe.expire(key, self._ttl_s)
+        if served_here and self._worker:
+            pipe.set(self._keys.owner(conversation), self._worker, ex=self._ttl_s)
 
     async def run(self, request: Request) -> dict[str, Any]:
         """Carry out an `op` request; the map its result event carries. ProtocolError for what cannot be done."""
@@ -73,7 +77,7 @@ class ConversationStore:
         if command.op is ConversationOp.GET:
             return history.summary(conversation)
         if command.op is ConversationOp.DELETE:
-            await self._redis.delete(self._keys.conversation(conversation))
+            await self._redis.delete(self._keys.conversation(conversation), self._keys.owner(conversation))
             return {"conversation": conversation, "deleted": True}
         if command.op is ConversationOp.FORK:
             assert command.into is not None
@@ -108,3 +112,12 @@ def next_history(request: Request, reply_text: str, tokens: list[int]) -> Histor
         messages = (*request.messages, ChatMessage("assistant", reply_text))
         return History(kind=RequestKind.CHAT, messages=messages, tokens=tuple(tokens))
     return History(kind=RequestKind.COMPLETION, text=request.prompt + reply_text, tokens=tuple(tokens))
+
+
+async def live_owner(redis: aioredis.Redis, keys: Keys, conversation: str) -> str | None:
+    """The worker that holds a conversation's KV, if it is alive (its heartbeat is the lease)."""
+    owner = await redis.get(keys.owner(conversation))
+    if owner is None:
+        return None
+    worker = owner.decode() if isinstance(owner, bytes) else str(owner)
+    return worker if await redis.exists(keys.heartbeat(worker)) else None

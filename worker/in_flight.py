@@ -17,6 +17,8 @@ class Ticket:
     """Id of the request's entry in the request stream, acked after the final event is written."""
     reply_key: str
     cancel_key: str
+    stream: str = ""
+    """The stream the entry came from (the queue's, or a worker's inbox); acked there."""
     cancel_sent: bool = False
 
 

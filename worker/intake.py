@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -27,7 +28,7 @@ from llamaq.protocol import (
     identify_request,
 )
 
-from .conversations import ConversationStore
+from .conversations import ConversationStore, live_owner
 from .engine_loop import EngineLoop, cancelled_before_start
 from .in_flight import InFlight, Ticket
 from .publisher import Publisher
@@ -64,28 +65,33 @@ class Intake:
         self._engine_loop = engine_loop
         self._publisher = publisher
         self._stopping = False
+        self._inbox = keys.inbox(consumer)
+        self.handed_over = 0
+        """Turns this worker handed to the live worker that holds their conversation's KV."""
 
     async def join_group(self) -> None:
-        """Create the consumer group (and stream) unless it exists; from id 0 so early requests are served."""
-        try:
-            await self._redis.xgroup_create(self._keys.requests, self._keys.group, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        """Create the consumer groups (and streams) of the queue and of this worker's inbox unless they exist;
+        from id 0 so early requests are served."""
+        for stream in (self._keys.requests, self._inbox):
+            try:
+                await self._redis.xgroup_create(stream, self._keys.group, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
 
     def stop(self) -> None:
         """Stop pulling; run() returns after its current read."""
         self._stopping = True
 
     async def run(self) -> None:
-        """Read and dispatch requests until stop()."""
+        """Read and dispatch requests (the queue's, and turns handed to this worker) until stop()."""
         delay = 0.1
         while not self._stopping:
             await self._in_flight.wait_below(self._max_in_flight)
-            room = self._max_in_flight - len(self._in_flight)
+            streams: dict[Any, Any] = {self._keys.requests: ">", self._inbox: ">"}
             try:
                 response: Any = await self._redis.xreadgroup(
-                    self._keys.group, self._consumer, {self._keys.requests: ">"}, count=room, block=_BLOCK_MS
+                    self._keys.group, self._consumer, streams, count=self.room, block=_BLOCK_MS
                 )
                 delay = 0.1
             except (RedisConnectionError, RedisTimeoutError) as exc:
@@ -96,23 +102,23 @@ class Intake:
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
-                # The stream was deleted under us (FLUSHALL, an operator): join again.
+                # The stream was deleted under us (FLUSHALL, an operator, a Redis restart): join again.
                 await self.join_group()
                 continue
-            for _stream, entries in response or []:
+            for stream, entries in _stream_entries(response):
                 for entry_id, fields in entries:
-                    await self._accept_until_done(entry_id, fields)
+                    await self._accept_until_done(Entry(entry_id, stream), fields)
 
-    async def _accept_until_done(self, entry_id: bytes, fields: dict[bytes, bytes] | None) -> None:
+    async def _accept_until_done(self, entry: Entry, fields: dict[bytes, bytes] | None) -> None:
         """Accept an entry, retrying while Redis is unreachable: the entry is ours (in our PEL) and no other
         worker will claim it while we heartbeat, so giving up would strand it."""
         delay = 0.1
         while True:
             try:
-                await self._accept(entry_id, fields)
+                await self._accept(entry, fields)
                 return
             except (RedisConnectionError, RedisTimeoutError) as exc:
-                log.warning("handling entry %r failed (%s); retrying in %.1fs", entry_id, exc, delay)
+                log.warning("handling entry %r failed (%s); retrying in %.1fs", entry.id, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
@@ -121,66 +127,112 @@ class Intake:
         """Requests this worker can take on now."""
         return self._max_in_flight - len(self._in_flight)
 
-    async def accept_claimed(self, entry_id: bytes, fields: dict[bytes, bytes] | None) -> None:
+    async def accept_claimed(self, entry_id: bytes, fields: dict[bytes, bytes] | None, stream: str) -> None:
         """Serve an entry claimed from a dead worker: resumed after the events it had already published."""
-        await self._accept(entry_id, fields, claimed=True)
+        await self._accept_until_done(Entry(entry_id, stream, claimed=True), fields)
 
-    async def _accept(self, entry_id: bytes, fields: dict[bytes, bytes] | None, claimed: bool = False) -> None:
+    async def _accept(self, entry: Entry, fields: dict[bytes, bytes] | None) -> None:
         received_at = time.monotonic()
         data = (fields or {}).get(REQUEST_FIELD)
         if data is None:
-            log.warning("entry %r has no %r field; acked and dropped", entry_id, REQUEST_FIELD)
-            await self._publisher.reject(entry_id, None, ProtocolError(ErrorCode.INVALID_REQUEST, "no request"))
+            log.warning("entry %r has no %r field; acked and dropped", entry.id, REQUEST_FIELD)
+            await self._reject(entry, None, ProtocolError(ErrorCode.INVALID_REQUEST, "no request"))
             return
         try:
             request = decode_request(data, self._keys, self._limits)
         except ProtocolError as exc:
-            reply_key = identify_request(data, self._keys, self._limits)
-            log.info("entry %r refused: %s", entry_id, exc.message)
-            await self._publisher.reject(entry_id, reply_key, exc)
+            log.info("entry %r refused: %s", entry.id, exc.message)
+            await self._reject(entry, identify_request(data, self._keys, self._limits), exc)
             return
         reply_key = self._keys.reply(request.client_id, request.id)
         if request.key in self._in_flight:
             # The same client reused a live id: answering would interleave with that request's own events.
-            log.warning("duplicate request %s in flight; entry %r dropped", request.key, entry_id)
-            await self._publisher.reject(entry_id, None, ProtocolError(ErrorCode.INVALID_REQUEST, "duplicate"))
+            log.warning("duplicate request %s in flight; entry %r dropped", request.key, entry.id)
+            await self._reject(entry, None, ProtocolError(ErrorCode.INVALID_REQUEST, "duplicate"))
             return
         cancel_key = self._keys.cancel(request.client_id, request.id)
         if request.deadline is not None and time.time() >= request.deadline:
             error = ProtocolError(ErrorCode.DEADLINE_EXCEEDED, "the deadline passed while the request was queued")
-            await self._publisher.reject(entry_id, reply_key, error)
+            await self._reject(entry, reply_key, error)
             return
         if await self._redis.exists(cancel_key):
-            await self._publisher.answer(entry_id, reply_key, cancelled_before_start())
-            return
-        if request.kind is RequestKind.OP and request.command is not None and request.command.op in STATE_OPS:
-            # Saved KV is the engine's: the op runs on its thread, between steps, and answers like a request.
-            self._in_flight.add(Ticket(request.key, entry_id, reply_key, cancel_key))
-            self._engine_loop.submit(request, received_at)
+            await self._publisher.answer(entry.id, reply_key, cancelled_before_start(), entry.stream)
             return
         if request.kind is RequestKind.OP:
-            await self._run_op(entry_id, reply_key, request)
+            await self._run_op(entry, reply_key, cancel_key, request, received_at)
+            return
+        if await self._hand_to_owner(entry, request, data):
             return
         try:
             request = await self._conversations.resolve(request)
         except ProtocolError as exc:
-            await self._publisher.reject(entry_id, reply_key, exc)
+            await self._reject(entry, reply_key, exc)
             return
-        resume = await published_so_far(self._redis, reply_key) if claimed else None
+        resume = await published_so_far(self._redis, reply_key) if entry.claimed else None
         if resume is not None and resume.finished:
             # The dead worker wrote the final event but died before its ack.
-            await self._publisher.ack(entry_id)
+            await self._publisher.ack(entry.id, entry.stream)
             return
-        self._in_flight.add(Ticket(request.key, entry_id, reply_key, cancel_key))
+        self._in_flight.add(Ticket(request.key, entry.id, reply_key, cancel_key, entry.stream))
         self._engine_loop.submit(request, received_at, resume)
 
-    async def _run_op(self, entry_id: bytes, reply_key: str, request: Request) -> None:
+    async def _hand_to_owner(self, entry: Entry, request: Request, data: bytes) -> bool:
+        """Send a conversation's turn to the live worker that holds its KV; True if it was handed over.
+
+        Only entries of the shared queue move, and only once: a turn in an inbox is served where it is.
+        """
+        if request.conversation is None or entry.stream != self._keys.requests or entry.claimed:
+            return False
+        owner = await live_owner(self._redis, self._keys, request.conversation)
+        if owner is None or owner == self._consumer:
+            return False
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.xadd(self._keys.inbox(owner), {REQUEST_FIELD: data})
+        pipe.xack(self._keys.requests, self._keys.group, entry.id)
+        pipe.xdel(self._keys.requests, entry.id)
+        await pipe.execute()
+        self.handed_over += 1
+        return True
+
+    async def _reject(self, entry: Entry, reply_key: str | None, error: ProtocolError) -> None:
+        await self._publisher.reject(entry.id, reply_key, error, entry.stream)
+
+    async def _run_op(
+        self, entry: Entry, reply_key: str, cancel_key: str, request: Request, received_at: float
+    ) -> None:
+        assert request.command is not None
+        if request.command.op in STATE_OPS:
+            # Saved KV is the engine's: the op runs on its thread, between steps, and answers like a request.
+            self._in_flight.add(Ticket(request.key, entry.id, reply_key, cancel_key, entry.stream))
+            self._engine_loop.submit(request, received_at)
+            return
         try:
             result = await self._conversations.run(request)
         except ProtocolError as exc:
-            await self._publisher.reject(entry_id, reply_key, exc)
+            await self._reject(entry, reply_key, exc)
             return
-        assert request.command is not None and request.conversation is not None
+        assert request.conversation is not None
         if request.command.op is ConversationOp.DELETE:
             self._engine_loop.forget(request.conversation)
-        await self._publisher.answer(entry_id, reply_key, ResultEvent(n=0, data=result))
+        await self._publisher.answer(entry.id, reply_key, ResultEvent(n=0, data=result), entry.stream)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where a request entry came from: its id, its stream (the queue's or an inbox), and whether it was
+    claimed from a dead worker."""
+
+    id: bytes
+    stream: str
+    claimed: bool = False
+
+
+def _stream_entries(response: Any) -> list[tuple[str, list[tuple[bytes, dict[bytes, bytes] | None]]]]:
+    """XREADGROUP's reply as (stream name, entries), whichever RESP version redis-py spoke."""
+    pairs = response.items() if isinstance(response, dict) else (response or [])
+    result = []
+    for name, entries in pairs:
+        if entries and isinstance(entries[0], list) and entries[0] and isinstance(entries[0][0], list | tuple):
+            entries = entries[0]
+        result.append((name.decode() if isinstance(name, bytes) else str(name), list(entries)))
+    return result

@@ -68,24 +68,28 @@ class Publisher:
             if batch.last:
                 return
 
-    async def reject(self, entry_id: bytes, reply_key: str | None, error: ProtocolError) -> None:
+    async def reject(
+        self, entry_id: bytes, reply_key: str | None, error: ProtocolError, stream: str | None = None
+    ) -> None:
         """Answer an entry that never reached the engine with an error event, and ack it."""
         if self.metrics is not None:
             self.metrics.count_rejected(error.code.value)
-        await self.answer(entry_id, reply_key, ErrorEvent(n=0, code=error.code, message=error.message))
+        await self.answer(entry_id, reply_key, ErrorEvent(n=0, code=error.code, message=error.message), stream)
 
-    async def ack(self, entry_id: bytes) -> None:
-        """Ack (and delete) an entry that needs no event: it was answered before."""
-        await self._execute(lambda pipe: self._ack(pipe, entry_id))
+    async def ack(self, entry_id: bytes, stream: str | None = None) -> None:
+        """Ack (and delete) an entry that needs no event: it was answered before, or handed to another worker."""
+        await self._execute(lambda pipe: self._ack(pipe, entry_id, stream))
 
-    async def answer(self, entry_id: bytes, reply_key: str | None, event: FinalEvent) -> None:
+    async def answer(
+        self, entry_id: bytes, reply_key: str | None, event: FinalEvent, stream: str | None = None
+    ) -> None:
         """Write the only event of an entry that never reached the engine, and ack it."""
 
         def build(pipe: Pipeline) -> None:
             if reply_key is not None:
                 pipe.xadd(reply_key, {EVENT_FIELD: encode_event(event)})
                 pipe.expire(reply_key, self._reply_ttl_s)
-            self._ack(pipe, entry_id)
+            self._ack(pipe, entry_id, stream)
 
         await self._execute(build)
 
@@ -100,12 +104,12 @@ class Publisher:
             for ticket, item in addressed:
                 if item.history is not None:
                     # Before the final event: a client that starts the next turn on seeing it finds the history.
-                    self._conversations.save(pipe, *item.history)
+                    self._conversations.save(pipe, *item.history, served_here=True)
                 pipe.xadd(ticket.reply_key, {EVENT_FIELD: encode_event(item.event)})
             for key, ttl in touched.items():
                 pipe.expire(key, ttl)
             for ticket in finished:
-                self._ack(pipe, ticket.entry_id)
+                self._ack(pipe, ticket.entry_id, ticket.stream or None)
             # Cancel checks ride on the step's round trip, so a cancel takes effect within one step.
             for ticket in watched:
                 pipe.exists(ticket.cancel_key)
@@ -129,11 +133,12 @@ class Publisher:
                 addressed.append((ticket, item))
         return addressed
 
-    def _ack(self, pipe: Pipeline, entry_id: bytes) -> None:
+    def _ack(self, pipe: Pipeline, entry_id: bytes, stream: str | None = None) -> None:
         # One consumer group reads this stream, so an acked entry is garbage: deleting it keeps the stream
         # short without trimming, and trimming by length could drop entries still pending.
-        pipe.xack(self._keys.requests, self._keys.group, entry_id)
-        pipe.xdel(self._keys.requests, entry_id)
+        stream = stream or self._keys.requests
+        pipe.xack(stream, self._keys.group, entry_id)
+        pipe.xdel(stream, entry_id)
 
     async def _execute(self, build: Callable[[Pipeline], None]) -> list[object]:
         delay = 0.05

@@ -26,7 +26,7 @@ log = logging.getLogger("llamaq.reclaimer")
 CLAIM_MIN_IDLE_MS = 2_000
 """An entry claimed a moment ago by another live worker is not claimed again."""
 
-Accept = Callable[[bytes, dict[bytes, bytes] | None], Awaitable[None]]
+Accept = Callable[[bytes, dict[bytes, bytes] | None, str], Awaitable[None]]
 Room = Callable[[], int]
 
 
@@ -66,12 +66,13 @@ class Reclaimer:
             first_missed = self._missing_since.setdefault(consumer, now)
             if now - first_missed < HEARTBEAT_TTL_S:
                 continue
+            claimed += await self._claim_inbox(consumer)
             if pending == 0:
                 # Nothing left to take over: the dead consumer only clutters XINFO.
                 await self._redis.xgroup_delconsumer(self._keys.requests, self._keys.group, consumer)
                 self._missing_since.pop(consumer, None)
                 continue
-            claimed += await self._claim_from(consumer)
+            claimed += await self._claim_pending(self._keys.requests, consumer)
         self.claimed += claimed
         return claimed
 
@@ -82,27 +83,44 @@ class Reclaimer:
             return {}
         return {_text(c["name"]): int(c["pending"]) for c in listed}
 
-    async def _claim_from(self, consumer: str) -> int:
+    async def _claim_pending(self, stream: str, consumer: str) -> int:
+        """Claim (up to our room) the entries of `stream` pending on a dead consumer, and serve them."""
         room = self._room()
         if room <= 0:
             return 0
         pending: Any = await self._redis.xpending_range(
-            self._keys.requests, self._keys.group, min="-", max="+", count=room, consumername=consumer
+            stream, self._keys.group, min="-", max="+", count=room, consumername=consumer
         )
         ids = [entry["message_id"] for entry in pending]
         if not ids:
             return 0
-        entries: Any = await self._redis.xclaim(
-            self._keys.requests, self._keys.group, self._consumer, CLAIM_MIN_IDLE_MS, ids
-        )
+        entries: Any = await self._redis.xclaim(stream, self._keys.group, self._consumer, CLAIM_MIN_IDLE_MS, ids)
         log.warning("claimed %d requests pending on dead worker %s", len(entries), consumer)
         for entry_id, fields in entries:
             if fields is None:
                 # Deleted from the stream meanwhile (acked and deleted): nothing to serve, only to ack.
-                await self._redis.xack(self._keys.requests, self._keys.group, entry_id)
+                await self._redis.xack(stream, self._keys.group, entry_id)
                 continue
-            await self._accept(entry_id, fields)
+            await self._accept(entry_id, fields, stream)
         return len(entries)
+
+    async def _claim_inbox(self, consumer: str) -> int:
+        """Take over a dead worker's inbox: turns handed to it that it had read (pending) or not yet read;
+        the inbox is deleted once empty."""
+        inbox = self._keys.inbox(consumer)
+        if not await self._redis.exists(inbox):
+            return 0
+        claimed = await self._claim_pending(inbox, consumer)
+        room = self._room()
+        if room > 0:
+            response: Any = await self._redis.xreadgroup(self._keys.group, self._consumer, {inbox: ">"}, count=room)
+            for _name, entries in response or []:
+                for entry_id, fields in entries:
+                    await self._accept(entry_id, fields, inbox)
+                    claimed += 1
+        if await self._redis.xlen(inbox) == 0:
+            await self._redis.delete(inbox)
+        return claimed
 
 
 def _text(value: object) -> str:

@@ -49,6 +49,7 @@ class Worker:
         self.engine_loop: EngineLoop | None = None
         self.metrics: WorkerMetrics | None = None
         self.monitor: Monitor | None = None
+        self.intake: Intake | None = None
         self.health_port: int | None = None
 
     def request_stop(self) -> None:
@@ -84,7 +85,9 @@ class Worker:
 
             return await asyncio.to_thread(run)
 
-        conversations = ConversationStore(redis, settings.keys, settings.conversation_ttl_s, detokenize)
+        conversations = ConversationStore(
+            redis, settings.keys, settings.conversation_ttl_s, detokenize, settings.consumer
+        )
         publisher = Publisher(redis, settings.keys, in_flight, settings.reply_ttl_s, conversations)
         state = await asyncio.to_thread(self._state_keeper_factory, engine)
         layout = "unified" if settings.kv_unified else "per-sequence"
@@ -95,7 +98,7 @@ class Worker:
         publisher.engine_loop = engine_loop
         publisher.metrics = metrics
         self.engine_loop = engine_loop
-        intake = Intake(
+        self.intake = intake = Intake(
             redis,
             settings.keys,
             settings.consumer,
@@ -138,6 +141,11 @@ class Worker:
             if health is not None:
                 health.stop()
             await redis.aclose()
+
+    @property
+    def intake_handed_over(self) -> int:
+        """Conversation turns this worker handed to the worker that holds their KV."""
+        return 0 if self.intake is None else self.intake.handed_over
 
     def _health_server(self, monitor: Monitor, metrics: WorkerMetrics) -> HealthServer | None:
         s = self.settings
