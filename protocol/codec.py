@@ -96,8 +96,10 @@ def decode_request(data: bytes, keys: Keys, limits: Limits) -> Request:
     """Parse and validate a request entry; raise ProtocolError(invalid_request) on anything malformed."""
     body = _unpack_map(data, limits)
     version = body.get("v")
-    if version != PROTOCOL_VERSION:
-        raise invalid(f"unsupported protocol version {version!r}; this worker speaks {PROTOCOL_VERSION}")
+    if isinstance(version, bool) or not isinstance(version, int) or version != PROTOCOL_VERSION:
+        # Never repr() the value: a list nested a thousand deep overflows the stack in repr.
+        shown = version if isinstance(version, int | str) and len(str(version)) < 32 else type(version).__name__
+        raise invalid(f"unsupported protocol version {shown!r}; this worker speaks {PROTOCOL_VERSION}")
     unknown = set(body) - _KNOWN_REQUEST_KEYS
     if unknown:
         raise invalid(f"unknown request fields: {sorted(map(str, unknown))}")

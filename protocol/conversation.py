@@ -68,8 +68,10 @@ def command_to_wire(command: ConversationCommand) -> dict[str, Any]:
 
 def parse_command(body: Mapping[str, Any]) -> ConversationCommand:
     """Validate an `op` request's command fields."""
+    value = body.get("op")
     try:
-        op = ConversationOp(str(body.get("op")))
+        # Only a string is looked up: str() of a deeply nested list would overflow the stack.
+        op = ConversationOp(value if isinstance(value, str) else "")
     except ValueError:
         raise invalid(f"op must be one of {[o.value for o in ConversationOp]}") from None
     to_message, drop_tokens, into = body.get("to_message"), body.get("drop_tokens"), body.get("into")

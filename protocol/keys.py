@@ -20,12 +20,13 @@ _NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 def is_valid_id(value: str) -> bool:
     """True for a request or client id that is safe inside a key name."""
-    return bool(_ID_PATTERN.match(value))
+    # fullmatch: `$` in match() also matches before a final newline, which would put "\n" into a key's hash tag.
+    return bool(_ID_PATTERN.fullmatch(value))
 
 
 def is_valid_name(value: str) -> bool:
     """True for a key prefix or queue name that is safe inside a key name."""
-    return bool(_NAME_PATTERN.match(value))
+    return bool(_NAME_PATTERN.fullmatch(value))
 
 
 @dataclass(frozen=True)

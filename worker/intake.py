@@ -144,6 +144,11 @@ class Intake:
             log.info("entry %r refused: %s", entry.id, exc.message)
             await self._reject(entry, identify_request(data, self._keys, self._limits), exc)
             return
+        except Exception:  # a codec bug must cost one entry, never the intake that serves all
+            log.exception("entry %r could not be decoded", entry.id)
+            error = ProtocolError(ErrorCode.INVALID_REQUEST, "unreadable request")
+            await self._reject(entry, _identify_safely(data, self._keys, self._limits), error)
+            return
         reply_key = self._keys.reply(request.client_id, request.id)
         if request.key in self._in_flight:
             # The same client reused a live id: answering would interleave with that request's own events.
@@ -215,6 +220,13 @@ class Intake:
         if request.command.op is ConversationOp.DELETE:
             self._engine_loop.forget(request.conversation)
         await self._publisher.answer(entry.id, reply_key, ResultEvent(n=0, data=result), entry.stream)
+
+
+def _identify_safely(data: bytes, keys: Keys, limits: Limits) -> str | None:
+    try:
+        return identify_request(data, keys, limits)
+    except Exception:  # noqa: BLE001 - no identity is the safe answer for an entry that broke the codec
+        return None
 
 
 @dataclass(frozen=True)
