@@ -3,6 +3,7 @@ heartbeat lets `llamaq status` list the worker from Redis alone, and disk-tier e
 
 from __future__ import annotations
 
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -59,9 +60,13 @@ async def test_metrics_probes_and_status_describe_the_worker(redis_url: str, mod
         assert too_long.value.code is ErrorCode.CONTEXT_LENGTH_EXCEEDED
         await wait_until_idle(worker)
         status = await collect_status(redis_url, Keys(prefix))
+        command = [sys.executable, "-m", "llamaq.worker.cli", "status", "--redis-url", redis_url, "--prefix", prefix]
+        printed = await anyio.run_process(command)
         ready = await anyio.to_thread.run_sync(http_get, worker.health_port, "/readyz")
         samples = await scrape(worker)
     assert ready[0] == 200
+    table = printed.stdout.decode()
+    assert settings.consumer[:40] in table and "0 waiting for a worker" in table and "/4096" in table
     assert [w["worker"] for w in status["workers"]] == [settings.consumer]
     row = status["workers"][0]
     assert row["model"] == model_path.stem and row["parallel"] == 2 and row["kv_cells_total"] == 4096
