@@ -158,7 +158,8 @@ class Client:
         try:
             inflight.entry_id = await self._enqueue(commands, request, wait_if_overloaded, deadline_s)
         except BaseException:
-            del self._replies.inflight[reply_key]
+            # pop: a reader that died meanwhile has cleared the table already; the real error must surface.
+            self._replies.inflight.pop(reply_key, None)
             inflight.close()
             # Cut short mid-flight, the request may have been queued anyway: make sure no worker spends on it.
             with anyio.move_on_after(CLEANUP_TIMEOUT_S, shield=True), suppress(RedisError):

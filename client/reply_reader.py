@@ -59,26 +59,27 @@ class ReplyReader:
             self.inflight.clear()
 
     async def _fail_lost(self, commands: aioredis.Redis) -> None:
-        """After a lost connection: a request whose entry is gone from the request stream while no reply
-        stream exists for it was lost with Redis's state (a restart without persistence). Fail it now: no
-        worker will ever answer it."""
-        waiting = [(key, i) for key, i in self.inflight.items() if i.entry_id is not None and i.next_n == 0]
-        if not waiting:
+        """After a lost connection: if Redis lost its data (a restart without persistence), requests that have
+        no reply stream yet will never be answered; fail them now instead of letting them wait forever.
+
+        The client's own wake stream tells: it is written at every submit and lives long, so its absence means
+        the server forgot this client. Only the client's own keys are read, as a least-privilege ACL allows.
+        """
+        waiting = [(key, i) for key, i in self.inflight.items() if i.next_n == 0 and i.entry_id is not None]
+        if not waiting or await commands.exists(self.wake_key):
             return
         pipe = commands.pipeline(transaction=False)
-        for key, inflight in waiting:
-            assert inflight.entry_id is not None
+        for key, _ in waiting:
             pipe.exists(key)
-            pipe.xrange(self.keys.requests, inflight.entry_id, inflight.entry_id)
         found = await pipe.execute()
-        for index, (key, inflight) in enumerate(waiting):
-            reply_exists, entry = found[2 * index], found[2 * index + 1]
-            if not reply_exists and not entry:
-                inflight.fail(ErrorCode.INTERNAL, "request lost: Redis lost its state (restarted?); send it again")
-                self.inflight.pop(key, None)
-                # A worker that read it before the loss must not spend a sequence on it.
-                with suppress(RedisError):
-                    await commands.set(self.keys.cancel(self.client_id, inflight.request_id), 1, ex=CANCEL_TTL_S)
+        for (key, inflight), reply_exists in zip(waiting, found, strict=True):
+            if reply_exists:
+                continue
+            inflight.fail(ErrorCode.INTERNAL, "request lost: Redis lost its state (restarted?); send it again")
+            self.inflight.pop(key, None)
+            # A worker that read it before the loss must not spend a sequence on it.
+            with suppress(RedisError):
+                await commands.set(self.keys.cancel(self.client_id, inflight.request_id), 1, ex=CANCEL_TTL_S)
 
     async def close_all(self, commands: aioredis.Redis) -> None:
         """Cancel every request whose consumer never finished and end their event streams."""
