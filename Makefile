@@ -42,6 +42,9 @@ clean:
 	rm -rf $(VENV) .typecheck .mypy_cache .ruff_cache .pytest_cache
 
 bench: install
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(VENV)/bin/llamaq bench --out bench/results
+	$(PY) bench/gateway_latency.py
 	$(PY) bench/layouts.py
 	$(PY) bench/shared_prefix.py
 	$(PY) bench/conversation_turns.py

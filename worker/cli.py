@@ -118,6 +118,13 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.set_defaults(handler=_run_status)
 
+    from llamaq.client.gateway import add_gateway_parser
+
+    from .bench_suite import add_bench_parser
+
+    add_gateway_parser(commands)
+    add_bench_parser(commands)
+
     demo = commands.add_parser("demo", help="embedded Valkey + one worker + a simulated multi-user chat")
     demo.add_argument("--users", type=int, default=8)
     demo.add_argument("--turns", type=int, default=3)

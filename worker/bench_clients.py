@@ -1,0 +1,158 @@
+"""Client load in separate processes: each process runs some users, every user sends its requests one after the
+other (closed loop) and records when each token arrived. The same load drives llamaq through Redis and
+llama-server over HTTP. Imports no llama.cpp: these processes are only clients."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .bench_http import stream_completion
+from .bench_load import Trace, chat_messages, request_index, split_users
+
+REDIS = "redis"
+HTTP = "http"
+_SETUP_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class ClientJob:
+    """What one client process does: its users, their requests, and where to send them."""
+
+    target: str
+    """REDIS (llamaq's Client) or HTTP (llama-server's /completion)."""
+    address: str
+    """A redis:// URL, or host:port."""
+    users: tuple[int, ...]
+    requests_per_user: int
+    max_tokens: int
+    prefix: str = "llamaq"
+    prompts: tuple[tuple[int, tuple[int, ...]], ...] = ()
+    """HTTP only: (request index, chat prompt tokens rendered by our template)."""
+
+
+def run_client_processes(jobs: list[ClientJob], timeout_s: float) -> list[Trace]:
+    """Start one process per job, release them together once all are connected, and gather their traces."""
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(len(jobs) + 1)
+    results: multiprocessing.Queue[tuple[int, list[Trace] | str]] = context.Queue()
+    processes = [context.Process(target=client_process, args=(job, barrier, results), daemon=True) for job in jobs]
+    for process in processes:
+        process.start()
+    traces: list[Trace] = []
+    try:
+        barrier.wait(timeout=_SETUP_TIMEOUT_S)
+        for _ in jobs:
+            _, outcome = results.get(timeout=timeout_s)
+            if isinstance(outcome, str):
+                raise RuntimeError(f"a client process failed: {outcome}")
+            traces += outcome
+    except (queue.Empty, threading.BrokenBarrierError) as exc:
+        raise RuntimeError(f"client processes did not finish in time ({type(exc).__name__})") from exc
+    finally:
+        for process in processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+    return traces
+
+
+def client_process(job: ClientJob, barrier: Any, results: Any) -> None:
+    """Body of one client process: connect, wait for the others, run the users, send back the traces."""
+    try:
+        traces = asyncio.run(_run_job(job, barrier))
+        results.put((job.users[0], traces))
+    except Exception as exc:  # noqa: BLE001 - any failure must reach the parent, or it waits for its timeout
+        barrier.abort()
+        results.put((job.users[0], f"{type(exc).__name__}: {exc}"))
+
+
+async def _run_job(job: ClientJob, barrier: Any) -> list[Trace]:
+    if job.target == HTTP:
+        await asyncio.to_thread(barrier.wait, _SETUP_TIMEOUT_S)
+        prompts = dict(job.prompts)
+        host, port = job.address.rsplit(":", 1)
+        users = [_http_user(host, int(port), job, user, prompts) for user in job.users]
+        return [trace for traces in await asyncio.gather(*users) for trace in traces]
+    from llamaq.client import Client
+
+    async with Client.from_url(job.address, prefix=job.prefix) as client:
+        await asyncio.to_thread(barrier.wait, _SETUP_TIMEOUT_S)
+        traces = await asyncio.gather(*(_redis_user(client, job, user) for user in job.users))
+    return [trace for user_traces in traces for trace in user_traces]
+
+
+async def _redis_user(client: Any, job: ClientJob, user: int) -> list[Trace]:
+    from llamaq.protocol import DoneEvent, ErrorEvent, TokenEvent
+
+    traces = []
+    for turn in range(job.requests_per_user):
+        index = request_index(user, turn, job.requests_per_user)
+        trace = Trace(index, time.monotonic())
+        handle = await client.submit(messages=chat_messages(index), max_tokens=job.max_tokens, temperature=0)
+        async with handle:
+            async for event in handle:
+                now = time.monotonic()
+                if isinstance(event, TokenEvent) and event.tokens:
+                    trace.token_times.append(now)
+                elif isinstance(event, DoneEvent):
+                    trace.done_at, trace.n_tokens = now, event.usage.completion_tokens
+                    trace.worker_ttft_ms = event.timings.ttft_ms
+                elif isinstance(event, ErrorEvent):
+                    trace.error = f"{event.code}: {event.message}"
+        traces.append(trace)
+    return traces
+
+
+async def _http_user(
+    host: str, port: int, job: ClientJob, user: int, prompts: dict[int, tuple[int, ...]]
+) -> list[Trace]:
+    traces = []
+    for turn in range(job.requests_per_user):
+        index = request_index(user, turn, job.requests_per_user)
+        body = {"prompt": list(prompts[index]), "n_predict": job.max_tokens, "temperature": 0, "cache_prompt": True}
+        trace = Trace(index, time.monotonic())
+        try:
+            async for event in stream_completion(host, port, body):
+                now = time.monotonic()
+                if event.get("stop"):
+                    trace.done_at, trace.n_tokens = now, _tokens_predicted(event)
+                elif event.get("content") or event.get("tokens"):
+                    trace.token_times.append(now)
+        except (OSError, RuntimeError, ValueError) as exc:
+            trace.error = f"{type(exc).__name__}: {exc}"
+        traces.append(trace)
+    return traces
+
+
+def _tokens_predicted(final: dict[str, Any]) -> int:
+    """Generated tokens in llama-server's final event, an end-of-generation token not counted (as ours)."""
+    n = int(final.get("tokens_predicted") or final.get("timings", {}).get("predicted_n", 0))
+    # llama-server counts the EOS it sampled; llamaq's usage does not, so one is taken off to compare like with like.
+    return n - 1 if final.get("stop_type") == "eos" and n > 0 else n
+
+
+def client_jobs(
+    target: str,
+    address: str,
+    n_users: int,
+    requests_per_user: int,
+    max_tokens: int,
+    max_processes: int,
+    prefix: str = "llamaq",
+    prompts: dict[int, list[int]] | None = None,
+) -> list[ClientJob]:
+    """The users of one run dealt over at most max_processes client processes."""
+    jobs = []
+    for users in split_users(n_users, max_processes):
+        mine: tuple[tuple[int, tuple[int, ...]], ...] = ()
+        if prompts is not None:
+            indices = [request_index(u, t, requests_per_user) for u in users for t in range(requests_per_user)]
+            mine = tuple((i, tuple(prompts[i])) for i in indices)
+        jobs.append(ClientJob(target, address, users, requests_per_user, max_tokens, prefix, mine))
+    return jobs

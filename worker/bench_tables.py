@@ -1,0 +1,145 @@
+"""Markdown tables of the benchmark's sections, one function per section, each skipped when not measured."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .bench_systems import ENGINE
+
+
+def section_tables(results: dict[str, Any]) -> list[str]:
+    """Every measured section's table, in report order."""
+    lines: list[str] = []
+    for section, table in (
+        ("throughput", _throughput),
+        ("turns", _turns),
+        ("shared_prefix", _shared_prefix),
+        ("overhead", _overhead),
+        ("pressure", _pressure),
+    ):
+        if section in results:
+            lines += ["", *table(results[section])]
+            if results[section].get("foreign_cpu") is not None and section != "throughput":
+                share = _share(results[section]["foreign_cpu"])
+                lines += ["", f"Other programs used {share} of the machine's CPU during this section."]
+        elif f"{section}_error" in results:
+            lines += ["", f"## {section}", "", f"Failed: {results[section + '_error']}"]
+    return lines
+
+
+def _num(value: Any, digits: int = 0) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    return f"{value:,.{digits}f}" if isinstance(value, int | float) else str(value)
+
+
+def _share(value: Any) -> str:
+    return "-" if value is None else f"{value * 100:.0f}%"
+
+
+def _throughput(data: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Throughput",
+        "",
+        f"{data['description']}",
+        "",
+        "| clients | system | tokens/s | vs engine | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms | tokens "
+        "| errors | foreign CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    systems = data["systems"]
+    for clients in data["clients"]:
+        base = systems.get(ENGINE, {}).get("by_clients", {}).get(str(clients), {}).get("tokens_per_s")
+        for name, entry in systems.items():
+            row = entry.get("by_clients", {}).get(str(clients))
+            if row is None:
+                continue
+            ratio = row.get("tokens_per_s", 0) / base if base else None
+            lines.append(
+                f"| {clients} | {name} | {_num(row.get('tokens_per_s'), 1)} | {_num(ratio, 2)} | "
+                f"{_num(row.get('ttft_ms_p50'))} | {_num(row.get('ttft_ms_p95'))} | {_num(row.get('itl_ms_p50'), 1)} | "
+                f"{_num(row.get('itl_ms_p95'), 1)} | {_num(row.get('tokens'))} | {_num(row.get('errors'))} | "
+                f"{_share(row.get('foreign_cpu'))} |"
+            )
+    for name, entry in systems.items():
+        if not entry.get("available", True):
+            lines.append(f"\n{name}: not available ({entry.get('reason')})")
+    return lines
+
+
+def _turns(data: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Time to first token per turn",
+        "",
+        f"A {data['turns']}-turn chat, {data['max_tokens']} tokens per reply, median of {data['repeats']} chats. "
+        "Named: the worker keeps the history and its KV; stateless: the whole history is sent every turn to a "
+        "worker that caches nothing. TTFT as the client sees it (worker's own figure in brackets).",
+        "",
+        "| turn | history tokens | named TTFT ms | cached | stateless TTFT ms | stateless / named |",
+        "|---|---|---|---|---|---|",
+    ]
+    for a, b in zip(data["named"], data["stateless"], strict=True):
+        lines.append(
+            f"| {a['turn']:.0f} | {a['prompt_tokens']:.0f} | {a['ttft_ms']:.0f} ({a['worker_ttft_ms']:.0f}) | "
+            f"{a['cached_tokens']:.0f} | {b['ttft_ms']:.0f} ({b['worker_ttft_ms']:.0f}) | "
+            f"{b['ttft_ms'] / a['ttft_ms']:.1f} |"
+        )
+    return lines
+
+
+def _shared_prefix(data: dict[str, Any]) -> list[str]:
+    rows = data["rows"]
+    first = next(iter(rows.values()))
+    lines = [
+        "## Shared system prompt",
+        "",
+        f"{data['chats']} chats sharing a system prompt, {first['prompt_tokens_each']:.0f} prompt tokens each, "
+        f"{data['max_tokens']} generated, all sent at once.",
+        "",
+        "| setting | prefill tokens | cached tokens | KV cells peak | KV cells after | TTFT p50 ms | TTFT max ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        lines.append(
+            f"| {name} | {_num(r['prefill_tokens'])} | {_num(r['cached_tokens'])} | {_num(r['kv_cells_peak'])} | "
+            f"{_num(r['kv_cells_held_after'])} | {_num(r['ttft_ms_p50'])} | {_num(r['ttft_ms_max'])} |"
+        )
+    return lines
+
+
+def _overhead(data: dict[str, Any]) -> list[str]:
+    if "error" in data:
+        return ["## Scheduler overhead", "", f"Not measured: {data['error']}"]
+    return [
+        "## Scheduler overhead",
+        "",
+        f"In-process engine, {data['sequences']} sequences decoding, {data['iterations']} iterations that decoded "
+        "one token of every sequence. An iteration runs from one emit callback to the next (commands, scheduling, "
+        "batch, llama_decode, sampling, events); overhead = the share outside llama_decode.",
+        "",
+        "| per iteration | ms |",
+        "|---|---|",
+        f"| whole iteration | {data['iteration_ms']:.2f} |",
+        f"| inside llama_decode | {data['llama_decode_ms']:.2f} |",
+        f"| filling the batch | {data['batch_fill_ms']:.2f} |",
+        f"| sampling and events | {data['sampling_and_events_ms']:.2f} |",
+        f"| rest of the loop (commands, schedule, emit) | {data['loop_rest_ms']:.2f} |",
+        f"| **overhead share** | **{data['overhead_share'] * 100:.1f}%** |",
+    ]
+
+
+def _pressure(data: dict[str, Any]) -> list[str]:
+    return [
+        "## Pressure",
+        "",
+        f"{data['requests']} requests from {data['client_processes']} client processes at once, "
+        f"{data['max_tokens']} tokens each, worker with {data['parallel']} sequences ({data['n_ctx']} cells).",
+        "",
+        "| completed | failed | time to last answer s | tokens/s | TTFT p50 ms | TTFT p95 ms | latency p50 s | "
+        "worker RSS idle MiB | worker RSS peak MiB | VmHWM MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| {data['completed']} | {data['failed']} | {_num(data['completion_s'], 1)} | {_num(data['tokens_per_s'], 1)} "
+        f"| {_num(data['ttft_ms_p50'])} | {_num(data['ttft_ms_p95'])} | {_num(data['e2e_s_p50'], 1)} | "
+        f"{_num(data['worker_rss_mib_idle'])} | {_num(data['worker_rss_mib_peak'])} | "
+        f"{_num(data['worker_vm_hwm_mib'])} |",
+    ]

@@ -1,0 +1,130 @@
+"""The throughput section: every chosen system at every client count, interleaved so that anything else the
+machine does in the meantime falls on all systems alike."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .bench_cpu import measured_quietly
+from .bench_http import find_llama_server, per_slot_kv_flag
+from .bench_load import Trace, summarize
+from .bench_systems import (
+    CELLS_PER_SEQUENCE,
+    ENGINE,
+    LLAMA_SERIAL,
+    LLAMA_SERVER,
+    N_BATCH,
+    REDIS_PATH,
+    SYSTEMS,
+    Load,
+    new_llama,
+    prompt_tokens,
+    run_engine,
+    run_llama_serial,
+    run_llama_server,
+    run_redis,
+)
+
+log = logging.getLogger("llamaq.bench")
+
+if TYPE_CHECKING:
+    from .bench_suite import Plan
+
+T = TypeVar("T")
+
+
+def measure_throughput(
+    args: argparse.Namespace,
+    plan: Plan,
+    model: Path,
+    url: str | None,
+    work: Path,
+    step: Callable[[str], None],
+    chosen: list[str],
+    results: dict[str, Any],
+) -> dict[str, Any]:
+    """Tokens/s, TTFT and inter-token latency of each chosen system at each client count."""
+    unknown = set(chosen) - set(SYSTEMS)
+    if unknown:
+        raise ValueError(f"unknown systems {sorted(unknown)}; choose from {sorted(SYSTEMS)}")
+    systems: dict[str, dict[str, Any]] = {SYSTEMS[s]: {"available": True, "by_clients": {}} for s in chosen}
+    server_binary = None
+    if not args.skip_llama_server:
+        server_binary, source = find_llama_server(args.llama_server)
+        results["meta"]["llama_server"] = (
+            f"{source}, run as `llama-server -np CLIENTS -c CLIENTS*{CELLS_PER_SEQUENCE} -fa on -ctk q8_0 -ctv q8_0 "
+            f"-t {args.threads} -tb {args.threads} -b {N_BATCH} -ub {N_BATCH}"
+            f"{' --no-kv-unified' if per_slot_kv_flag(server_binary) else ''}`"
+            if server_binary
+            else f"not available ({source})"
+        )
+        if LLAMA_SERVER in systems and server_binary is None:
+            systems[LLAMA_SERVER].update(available=False, reason=source)
+    else:
+        results["meta"]["llama_server"] = "not available (skipped: --skip-llama-server)"
+    step("throughput: rendering prompts")
+    prompts = prompt_tokens(model, max(plan.clients) * plan.requests_per_client)
+    load = Load(0, plan.requests_per_client, plan.max_tokens, args.threads, model, args.client_processes)
+    llama = new_llama(load) if LLAMA_SERIAL in systems else None
+
+    runners: dict[str, Callable[[Load], list[Trace]]] = {
+        REDIS_PATH: lambda load: run_redis(_need(url), load, work),
+        ENGINE: run_engine,
+        LLAMA_SERIAL: lambda load: run_llama_serial(llama, prompts, load),
+        LLAMA_SERVER: lambda load: run_llama_server(_need(server_binary), prompts, load, work),
+    }
+    for clients in plan.clients:
+        load = Load(clients, plan.requests_per_client, plan.max_tokens, args.threads, model, args.client_processes)
+        for name, entry in systems.items():
+            step(f"throughput: {name}, {clients} clients")
+            if not entry["available"]:
+                continue
+            try:
+                measure = partial(_summarized, runners[name], load)
+                summary, share, attempts = measured_quietly(
+                    measure, args.max_foreign_cpu, args.attempts, args.quiet_wait
+                )
+                entry["by_clients"][str(clients)] = {**summary, "foreign_cpu": share, "attempts": attempts}
+            except Exception as exc:
+                log.exception("%s at %d clients failed", name, clients)
+                entry["by_clients"][str(clients)] = {"error": f"{type(exc).__name__}: {exc}"}
+    if llama is not None:
+        llama.close()
+    results["meta"]["settings"] = (
+        f"{CELLS_PER_SEQUENCE} KV cells per sequence/slot (n_ctx = clients x {CELLS_PER_SEQUENCE}), "
+        f"step budget {N_BATCH}, {args.threads} threads"
+    )
+    return {
+        "clients": list(plan.clients),
+        "requests_per_client": plan.requests_per_client,
+        "max_tokens": plan.max_tokens,
+        "description": _description(plan, args.client_processes),
+        "systems": systems,
+    }
+
+
+def _summarized(run: Callable[[Load], list[Trace]], load: Load) -> dict[str, float]:
+    return summarize(run(load))
+
+
+def _need(value: T | None) -> T:
+    if value is None:
+        raise RuntimeError("not available")
+    return value
+
+
+def _description(plan: Plan, client_processes: int) -> str:
+    return (
+        f"Each client sends {plan.requests_per_client} chat request(s) one after the other (closed loop), greedy, "
+        f"up to {plan.max_tokens} tokens each; prompts are short questions (numbered, so no whole prompt repeats) "
+        "rendered with the model's chat template. Llama (`create_completion`) and llama-server (`/completion`) get "
+        "the very tokens our template renders. Redis and HTTP clients run in up to "
+        f"{client_processes} processes; the in-process engine has none; Llama serves requests in arrival order and "
+        "its TTFT includes the wait. tokens/s = all generated tokens / (first send to last answer). ITL = every gap "
+        "between streamed chunks. 'vs engine' = tokens/s / in-process engine's."
+    )
