@@ -70,8 +70,19 @@ class Worker:
                 self._say(f"started embedded Valkey at {url}")
             model_path = self.settings.model_path or default_model_path()
             engine = await asyncio.to_thread(Engine, self.settings.engine_config(model_path))
-            stack.callback(engine.close)
+            stack.callback(self._close_engine, engine)
             return await self._serve(url, engine, on_ready)
+
+    def _close_engine(self, engine: Engine) -> None:
+        """Free the model once the engine thread has stopped: freeing it under a running decode segfaults (as
+        when the worker's task is cancelled rather than stopped)."""
+        loop = self.engine_loop
+        if loop is not None and loop.alive:
+            loop.stop(drain_timeout_s=0.0)
+            if not loop.join(timeout_s=30):
+                log.error("the engine thread did not stop; leaving the model loaded rather than freeing it under it")
+                return
+        engine.close()
 
     async def _serve(self, url: str, engine: Engine, on_ready: Callable[[], None] | None) -> int:
         settings = self.settings
