@@ -9,11 +9,12 @@ import multiprocessing
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .bench_http import stream_completion
 from .bench_load import Trace, chat_messages, request_index, split_users
+from .bench_process import die_with_parent
 
 REDIS = "redis"
 HTTP = "http"
@@ -36,22 +37,31 @@ class ClientJob:
     """HTTP only: (request index, chat prompt tokens rendered by our template)."""
 
 
-def run_client_processes(jobs: list[ClientJob], timeout_s: float) -> list[Trace]:
+@dataclass
+class ClientRun:
+    """What the client processes of one run saw, and the CPU they spent from the common start to their end."""
+
+    traces: list[Trace] = field(default_factory=list)
+    cpu_s: float = 0.0
+
+
+def run_client_processes(jobs: list[ClientJob], timeout_s: float) -> ClientRun:
     """Start one process per job, release them together once all are connected, and gather their traces."""
     context = multiprocessing.get_context("spawn")
     barrier = context.Barrier(len(jobs) + 1)
-    results: multiprocessing.Queue[tuple[int, list[Trace] | str]] = context.Queue()
+    results: multiprocessing.Queue[tuple[list[Trace], float] | str] = context.Queue()
     processes = [context.Process(target=client_process, args=(job, barrier, results), daemon=True) for job in jobs]
     for process in processes:
         process.start()
-    traces: list[Trace] = []
+    run = ClientRun()
     try:
         barrier.wait(timeout=_SETUP_TIMEOUT_S)
         for _ in jobs:
-            _, outcome = results.get(timeout=timeout_s)
+            outcome = results.get(timeout=timeout_s)
             if isinstance(outcome, str):
                 raise RuntimeError(f"a client process failed: {outcome}")
-            traces += outcome
+            run.traces += outcome[0]
+            run.cpu_s += outcome[1]
     except (queue.Empty, threading.BrokenBarrierError) as exc:
         raise RuntimeError(f"client processes did not finish in time ({type(exc).__name__})") from exc
     finally:
@@ -59,32 +69,35 @@ def run_client_processes(jobs: list[ClientJob], timeout_s: float) -> list[Trace]
             process.join(timeout=10)
             if process.is_alive():
                 process.kill()
-    return traces
+    return run
 
 
 def client_process(job: ClientJob, barrier: Any, results: Any) -> None:
-    """Body of one client process: connect, wait for the others, run the users, send back the traces."""
+    """Body of one client process: connect, wait for the others, run the users, send back traces and CPU."""
+    die_with_parent()
     try:
-        traces = asyncio.run(_run_job(job, barrier))
-        results.put((job.users[0], traces))
+        results.put(asyncio.run(_run_job(job, barrier)))
     except Exception as exc:  # noqa: BLE001 - any failure must reach the parent, or it waits for its timeout
         barrier.abort()
-        results.put((job.users[0], f"{type(exc).__name__}: {exc}"))
+        results.put(f"{type(exc).__name__}: {exc}")
 
 
-async def _run_job(job: ClientJob, barrier: Any) -> list[Trace]:
+async def _run_job(job: ClientJob, barrier: Any) -> tuple[list[Trace], float]:
     if job.target == HTTP:
         await asyncio.to_thread(barrier.wait, _SETUP_TIMEOUT_S)
+        started = time.process_time()
         prompts = dict(job.prompts)
         host, port = job.address.rsplit(":", 1)
         users = [_http_user(host, int(port), job, user, prompts) for user in job.users]
-        return [trace for traces in await asyncio.gather(*users) for trace in traces]
+        traces = [trace for traces in await asyncio.gather(*users) for trace in traces]
+        return traces, time.process_time() - started
     from llamaq.client import Client
 
     async with Client.from_url(job.address, prefix=job.prefix) as client:
         await asyncio.to_thread(barrier.wait, _SETUP_TIMEOUT_S)
-        traces = await asyncio.gather(*(_redis_user(client, job, user) for user in job.users))
-    return [trace for user_traces in traces for trace in user_traces]
+        started = time.process_time()
+        per_user = await asyncio.gather(*(_redis_user(client, job, user) for user in job.users))
+    return [trace for traces in per_user for trace in traces], time.process_time() - started
 
 
 async def _redis_user(client: Any, job: ClientJob, user: int) -> list[Trace]:

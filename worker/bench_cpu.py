@@ -43,6 +43,36 @@ def snapshot() -> CpuSnapshot | None:
     return CpuSnapshot(time.monotonic(), machine, ours)
 
 
+def thread_cpu_s(pid: int) -> tuple[float, float]:
+    """CPU seconds of a process's main thread and of all its other threads together (0, 0 once it is gone)."""
+    psutil: Any = importlib.import_module("psutil")
+    main = others = 0.0
+    try:
+        for thread in psutil.Process(pid).threads():
+            if thread.id == pid:
+                main += thread.user_time + thread.system_time
+            else:
+                others += thread.user_time + thread.system_time
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        pass
+    return main, others
+
+
+def local_server_pid(url: str | None, name: str = "valkey-server") -> int | None:
+    """The pid of our own child server behind a redis:// URL on loopback (an embedded Valkey), if there is one."""
+    if not url:
+        return None
+    port = url.rsplit(":", 1)[-1].split("/", 1)[0]
+    psutil: Any = importlib.import_module("psutil")
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if name in child.name() and any(port in arg for arg in child.cmdline()):
+                return int(child.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return None
+
+
 def foreign_share(before: CpuSnapshot | None, after: CpuSnapshot | None) -> float | None:
     """Share of the machine's CPU capacity (all cores) used by other programs between two snapshots."""
     if before is None or after is None or after.at <= before.at:

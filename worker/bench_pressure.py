@@ -74,7 +74,7 @@ def measure_pressure(
         jobs = client_jobs(REDIS, url, n_requests, 1, max_tokens, n_processes, prefix)
         with RssWatch(process.pid) as watch:
             rss_idle = watch.rss()
-            traces = run_client_processes(jobs, 3600)
+            traces = run_client_processes(jobs, 3600).traces
         hwm = high_water_mark(process.pid)
     summary = summarize(traces)
     e2e = [(t.done_at - t.sent_at) for t in traces if t.done_at is not None]

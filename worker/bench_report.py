@@ -89,14 +89,14 @@ def _target(name: str, value: float | None, rule: str, passes: Callable[[float],
     return {"target": name, "value": None if value is None else round(value, 3), "rule": rule, "status": status}
 
 
-def write_outputs(results: dict[str, Any], out: Path) -> list[Path]:
-    """bench.json, bench.md and the plots; the paths written."""
+def write_outputs(results: dict[str, Any], out: Path, plots: bool = True) -> list[Path]:
+    """bench.json, bench.md and (unless told not to) the plots; the paths written."""
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "bench.json", out / "bench.md"]
+    drawn = write_plots(results, out) if plots else []
     written[0].write_text(json.dumps(results, indent=2, default=str) + "\n")
-    plots = write_plots(results, out)
-    written[1].write_text(markdown(results, [p.name for p in plots]))
-    return written + plots
+    written[1].write_text(markdown(results, [p.name for p in drawn]))
+    return written + drawn
 
 
 def markdown(results: dict[str, Any], plots: list[str]) -> str:

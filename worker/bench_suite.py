@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import signal
 import sys
 import tempfile
 import time
@@ -92,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     add_bench_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # SIGTERM (a timeout, a CI cancel) unwinds like Ctrl-C, so the worker and servers it started are stopped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     # The unified layout's shared-prefix run has a context longer than the model's training one: said once here.
     logging.getLogger("llamaq.llama_cpp").setLevel(logging.ERROR)
     return run_bench_command(args)
@@ -139,29 +142,45 @@ def run_bench_command(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {"meta": run_metadata(model, args.threads), "plan": asdict(plan)}
     progress = Progress(_steps(plan, sections, systems))
     failed = False
-    with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory(prefix="llamaq-bench-") as work:
-        url = args.redis_url
-        if url is None and (set(sections) - {"overhead"}):
-            url = stack.enter_context(EmbeddedValkey()).url
-        context = Context(args, plan, model, url, Path(work), progress, systems)
-        for section in sections:
-            try:
-                if section != "throughput":  # its rows wait and record for themselves
-                    wait_for_quiet(args.max_foreign_cpu, args.quiet_wait)
-                before = snapshot()
-                results[section] = RUNNERS[section](context, results)
-                results[section]["foreign_cpu"] = foreign_share(before, snapshot())
-            except Exception as exc:
-                log.exception("section %s failed", section)
-                results[section + "_error"] = f"{type(exc).__name__}: {exc}"
-                failed = True
-    progress.close()
-    failed = failed or _any_system_failed(results)
-    results["targets"] = evaluate_targets(results)
-    for path in write_outputs(results, args.out):
-        print(f"wrote {path}", file=sys.stderr)
+    try:
+        with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory(prefix="llamaq-bench-") as work:
+            url = args.redis_url
+            if url is None and (set(sections) - {"overhead"}):
+                url = stack.enter_context(EmbeddedValkey()).url
+            context = Context(args, plan, model, url, Path(work), progress, systems)
+            for section in sections:
+                failed = not _run_section(section, context, results) or failed
+                # Written after every section: a run cut short still leaves what it measured.
+                _write(results, args.out, quiet=True)
+    finally:
+        progress.close()
+        failed = failed or _any_system_failed(results)
+        paths = _write(results, args.out, quiet=False)
     print((args.out / "bench.md").read_text())
+    for path in paths:
+        print(f"wrote {path}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _run_section(section: str, context: Context, results: dict[str, Any]) -> bool:
+    """Run one section into results (its error instead when it fails); True if it ran."""
+    args = context.args
+    try:
+        if section != "throughput":  # its rows wait and record for themselves
+            wait_for_quiet(args.max_foreign_cpu, args.quiet_wait)
+        before = snapshot()
+        results[section] = RUNNERS[section](context, results)
+        results[section]["foreign_cpu"] = foreign_share(before, snapshot())
+        return True
+    except Exception as exc:
+        log.exception("section %s failed", section)
+        results[section + "_error"] = f"{type(exc).__name__}: {exc}"
+        return False
+
+
+def _write(results: dict[str, Any], out: Path, quiet: bool) -> list[Path]:
+    results["targets"] = evaluate_targets(results)
+    return write_outputs(results, out, plots=not quiet)
 
 
 def _any_system_failed(results: dict[str, Any]) -> bool:

@@ -19,16 +19,20 @@ from typing import Any
 from llamaq.protocol import ChatMessage
 
 from .bench_clients import HTTP, REDIS, client_jobs, run_client_processes
+from .bench_cpu import local_server_pid, thread_cpu_s
 from .bench_engine import EngineDriver, chat_request
 from .bench_http import llama_server
 from .bench_load import Trace, chat_messages, request_index
+from .bench_process import dying_with_parent
 from .engine import Engine, EngineConfig
 from .service import READY_LINE
 
 CELLS_PER_SEQUENCE = 512
 """KV cells each sequence (slot) gets in every system: n_ctx = parallel * this, as llama-server's -c / -np."""
 N_BATCH = 512
-_RUN_TIMEOUT_S = 1800.0
+_WARM_UP_TIMEOUT_S = 120.0
+_SLOWEST_TOKENS_PER_S = 10.0
+"""A run slower than this has gone wrong (a machine thrashing under other work) and is given up."""
 
 REDIS_PATH = "llamaq via Redis"
 ENGINE = "llamaq engine in-process"
@@ -36,6 +40,10 @@ LLAMA_SERIAL = "Llama one at a time"
 LLAMA_SERVER = "llama-server"
 SYSTEMS = {"redis": REDIS_PATH, "engine": ENGINE, "llama": LLAMA_SERIAL, "llama-server": LLAMA_SERVER}
 """Short names (for --systems) of the systems compared."""
+
+
+Measured = tuple[list[Trace], dict[str, float]]
+"""A run's traces and what else was measured alongside (CPU seconds by part)."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,11 @@ class Load:
     def n_requests(self) -> int:
         """Requests in the run."""
         return self.clients * self.requests_per_client
+
+    @property
+    def timeout_s(self) -> float:
+        """How long the run may take before it counts as failed."""
+        return _WARM_UP_TIMEOUT_S + self.n_requests * self.max_tokens / _SLOWEST_TOKENS_PER_S
 
 
 def prompt_tokens(model: Path, n_requests: int) -> dict[int, list[int]]:
@@ -78,7 +91,10 @@ def worker_process(
     command += ["--threads", str(threads), "--metrics-port", "0"]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            dying_with_parent(command),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
     try:
         deadline = time.monotonic() + 120
@@ -96,21 +112,34 @@ def worker_process(
             process.wait()
 
 
-def run_redis(url: str, load: Load, work_dir: Path) -> list[Trace]:
-    """llamaq through Redis: a worker process, clients in their own processes."""
+def run_redis(url: str, load: Load, work_dir: Path) -> Measured:
+    """llamaq through Redis: a worker process, clients in their own processes; plus where the CPU went."""
     prefix = f"bench{secrets.token_hex(4)}"
     n_ctx = load.clients * CELLS_PER_SEQUENCE
-    with worker_process(url, prefix, load.clients, n_ctx, load.threads, work_dir / f"worker-{load.clients}.log"):
+    valkey = local_server_pid(url)
+    log_path = work_dir / f"worker-{load.clients}.log"
+    with worker_process(url, prefix, load.clients, n_ctx, load.threads, log_path) as worker:
         # Warm-up outside the timing: the model's pages, the consumer group, the template prefix in the cache.
-        warm = client_jobs(REDIS, url, 1, 1, 4, 1, prefix)
-        run_client_processes(warm, _RUN_TIMEOUT_S)
+        run_client_processes(client_jobs(REDIS, url, 1, 1, 4, 1, prefix), _WARM_UP_TIMEOUT_S)
         jobs = client_jobs(
             REDIS, url, load.clients, load.requests_per_client, load.max_tokens, load.max_client_processes, prefix
         )
-        return run_client_processes(jobs, _RUN_TIMEOUT_S)
+        loop_before, engine_before = thread_cpu_s(worker.pid)
+        valkey_before = sum(thread_cpu_s(valkey)) if valkey else 0.0
+        run = run_client_processes(jobs, load.timeout_s)
+        loop_after, engine_after = thread_cpu_s(worker.pid)
+        valkey_after = sum(thread_cpu_s(valkey)) if valkey else 0.0
+    # The worker's main thread runs its event loop (intake, publisher, metrics); the others are the engine
+    # thread and llama.cpp's own threads.
+    return run.traces, {
+        "cpu_s_clients": round(run.cpu_s, 2),
+        "cpu_s_valkey": round(valkey_after - valkey_before, 2),
+        "cpu_s_worker_event_loop": round(loop_after - loop_before, 2),
+        "cpu_s_worker_engine": round(engine_after - engine_before, 2),
+    }
 
 
-def run_engine(load: Load) -> list[Trace]:
+def run_engine(load: Load) -> Measured:
     """llamaq's engine in this process, no Redis: the ceiling for the Redis path."""
     config = EngineConfig(
         load.model,
@@ -122,8 +151,10 @@ def run_engine(load: Load) -> list[Trace]:
     engine = Engine(config)
     try:
         with EngineDriver(engine, N_BATCH) as driver:
-            driver.run(1, 1, chat_request(4), _RUN_TIMEOUT_S)
-            return driver.run(load.clients, load.requests_per_client, chat_request(load.max_tokens), _RUN_TIMEOUT_S)
+            driver.run(1, 1, chat_request(4), _WARM_UP_TIMEOUT_S)
+            cpu_before = sum(os.times()[:2])
+            traces = driver.run(load.clients, load.requests_per_client, chat_request(load.max_tokens), load.timeout_s)
+            return traces, {"cpu_s_process": round(sum(os.times()[:2]) - cpu_before, 2)}
     finally:
         engine.close()
 
@@ -145,7 +176,7 @@ def new_llama(load: Load) -> Any:
     )
 
 
-def run_llama_serial(llama: Any, prompts: dict[int, list[int]], load: Load) -> list[Trace]:
+def run_llama_serial(llama: Any, prompts: dict[int, list[int]], load: Load) -> Measured:
     """`Llama.create_completion` on our rendered prompt tokens, one request at a time in arrival order.
 
     Every user sends its first request at the start and its next one when the previous answer ends, as against
@@ -163,7 +194,7 @@ def run_llama_serial(llama: Any, prompts: dict[int, list[int]], load: Load) -> l
         traces.append(trace)
         if turn + 1 < load.requests_per_client and trace.done_at is not None:
             queue.append((user, turn + 1, trace.done_at))
-    return traces
+    return traces, {}
 
 
 def _llama_request(llama: Any, tokens: list[int], max_tokens: int, trace: Trace) -> None:
@@ -181,13 +212,13 @@ def _llama_request(llama: Any, tokens: list[int], max_tokens: int, trace: Trace)
     trace.n_tokens = llama.n_tokens - len(tokens) + (1 if finish == "length" else 0)
 
 
-def run_llama_server(binary: Path, prompts: dict[int, list[int]], load: Load, work_dir: Path) -> list[Trace]:
+def run_llama_server(binary: Path, prompts: dict[int, list[int]], load: Load, work_dir: Path) -> Measured:
     """llama-server with one slot per client, driven over HTTP by the same client processes."""
     log_path = work_dir / f"llama-server-{load.clients}.log"
     n_ctx = load.clients * CELLS_PER_SEQUENCE
     with llama_server(binary, load.model, load.clients, n_ctx, load.threads, N_BATCH, log_path) as (host, port):
         address = f"{host}:{port}"
-        run_client_processes(client_jobs(HTTP, address, 1, 1, 4, 1, prompts={0: prompts[0]}), _RUN_TIMEOUT_S)
+        run_client_processes(client_jobs(HTTP, address, 1, 1, 4, 1, prompts={0: prompts[0]}), _WARM_UP_TIMEOUT_S)
         jobs = client_jobs(
             HTTP,
             address,
@@ -197,4 +228,5 @@ def run_llama_server(binary: Path, prompts: dict[int, list[int]], load: Load, wo
             load.max_client_processes,
             prompts=prompts,
         )
-        return run_client_processes(jobs, _RUN_TIMEOUT_S)
+        run = run_client_processes(jobs, load.timeout_s)
+        return run.traces, {"cpu_s_clients": round(run.cpu_s, 2)}

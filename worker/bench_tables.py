@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from .bench_systems import ENGINE
+from .bench_systems import ENGINE, REDIS_PATH
 
 
 def section_tables(results: dict[str, Any]) -> list[str]:
@@ -61,9 +62,34 @@ def _throughput(data: dict[str, Any]) -> list[str]:
                 f"{_num(row.get('itl_ms_p95'), 1)} | {_num(row.get('tokens'))} | {_num(row.get('errors'))} | "
                 f"{_share(row.get('foreign_cpu'))} |"
             )
+    lines += _redis_cpu(systems.get(REDIS_PATH, {}).get("by_clients", {}))
     for name, entry in systems.items():
         if not entry.get("available", True):
             lines.append(f"\n{name}: not available ({entry.get('reason')})")
+    return lines
+
+
+def _redis_cpu(by_clients: dict[str, dict[str, Any]]) -> list[str]:
+    """Where the CPU went in the Redis path: the engine's threads against everything the transport costs."""
+    rows = {c: r for c, r in by_clients.items() if "cpu_s_worker_engine" in r and r.get("wall_s")}
+    if not rows:
+        return []
+    lines = [
+        "",
+        f"CPU seconds during the {REDIS_PATH} runs (the machine has {os.cpu_count()} cores): the engine's threads "
+        "(engine loop and llama.cpp's), and what the transport costs besides: the worker's event loop (intake, "
+        "publisher, metrics), Valkey, and the client processes.",
+        "",
+        "| clients | wall s | engine threads | worker event loop | Valkey | clients | transport share of all cores |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for clients, r in rows.items():
+        transport = r["cpu_s_worker_event_loop"] + r["cpu_s_valkey"] + r["cpu_s_clients"]
+        share = transport / (r["wall_s"] * (os.cpu_count() or 1))
+        lines.append(
+            f"| {clients} | {r['wall_s']:.1f} | {r['cpu_s_worker_engine']:.1f} | {r['cpu_s_worker_event_loop']:.2f} | "
+            f"{r['cpu_s_valkey']:.2f} | {r['cpu_s_clients']:.2f} | {share * 100:.1f}% |"
+        )
     return lines
 
 

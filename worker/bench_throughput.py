@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .bench_cpu import measured_quietly
 from .bench_http import find_llama_server, per_slot_kv_flag
-from .bench_load import Trace, summarize
+from .bench_load import summarize
 from .bench_systems import (
     CELLS_PER_SEQUENCE,
     ENGINE,
@@ -22,6 +22,7 @@ from .bench_systems import (
     REDIS_PATH,
     SYSTEMS,
     Load,
+    Measured,
     new_llama,
     prompt_tokens,
     run_engine,
@@ -53,6 +54,15 @@ def measure_throughput(
     if unknown:
         raise ValueError(f"unknown systems {sorted(unknown)}; choose from {sorted(SYSTEMS)}")
     systems: dict[str, dict[str, Any]] = {SYSTEMS[s]: {"available": True, "by_clients": {}} for s in chosen}
+    data = {
+        "clients": list(plan.clients),
+        "requests_per_client": plan.requests_per_client,
+        "max_tokens": plan.max_tokens,
+        "description": _description(plan, args.client_processes),
+        "systems": systems,
+    }
+    # Filled in place, so a run cut short leaves the rows it finished in the results it writes.
+    results["throughput"] = data
     server_binary = None
     if not args.skip_llama_server:
         server_binary, source = find_llama_server(args.llama_server)
@@ -72,7 +82,7 @@ def measure_throughput(
     load = Load(0, plan.requests_per_client, plan.max_tokens, args.threads, model, args.client_processes)
     llama = new_llama(load) if LLAMA_SERIAL in systems else None
 
-    runners: dict[str, Callable[[Load], list[Trace]]] = {
+    runners: dict[str, Callable[[Load], Measured]] = {
         REDIS_PATH: lambda load: run_redis(_need(url), load, work),
         ENGINE: run_engine,
         LLAMA_SERIAL: lambda load: run_llama_serial(llama, prompts, load),
@@ -99,17 +109,12 @@ def measure_throughput(
         f"{CELLS_PER_SEQUENCE} KV cells per sequence/slot (n_ctx = clients x {CELLS_PER_SEQUENCE}), "
         f"step budget {N_BATCH}, {args.threads} threads"
     )
-    return {
-        "clients": list(plan.clients),
-        "requests_per_client": plan.requests_per_client,
-        "max_tokens": plan.max_tokens,
-        "description": _description(plan, args.client_processes),
-        "systems": systems,
-    }
+    return data
 
 
-def _summarized(run: Callable[[Load], list[Trace]], load: Load) -> dict[str, float]:
-    return summarize(run(load))
+def _summarized(run: Callable[[Load], Measured], load: Load) -> dict[str, float]:
+    traces, extra = run(load)
+    return {**summarize(traces), **extra}
 
 
 def _need(value: T | None) -> T:
