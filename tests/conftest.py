@@ -8,6 +8,8 @@ import os
 import secrets
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -126,9 +128,17 @@ async def wait_until_idle(worker: Worker, timeout_s: float = 30.0) -> None:
         await asyncio.sleep(0.05)
 
 
+WORKER_LOGS: dict[int, Path] = {}
+"""Where each worker process started by `worker_process` writes its output, by pid."""
+
+
 @contextlib.contextmanager
-def worker_process(redis_url: str, prefix: str, *extra: str) -> Iterator[subprocess.Popen[str]]:
-    """A worker in its own process, started with the real `llamaq worker` command line."""
+def worker_process(redis_url: str, prefix: str, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A worker in its own process, started with the real `llamaq worker` command line.
+
+    Its output goes to a file, never to a pipe: a pipe nobody reads after startup fills up, and the worker's next
+    log line then blocks its event loop (no heartbeat, no replies) until it counts as dead.
+    """
     command = [
         sys.executable,
         "-m",
@@ -150,25 +160,37 @@ def worker_process(redis_url: str, prefix: str, *extra: str) -> Iterator[subproc
         "0",
         *extra,
     ]
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    with tempfile.NamedTemporaryFile(prefix="llamaq-worker-", suffix=".log", delete=False) as log:
+        log_path = Path(log.name)
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
+    WORKER_LOGS[process.pid] = log_path
     try:
-        assert process.stdout is not None
-        for line in process.stdout:
-            if line.strip() == READY_LINE:
-                break
-        else:
-            raise RuntimeError(f"worker exited before it was ready: {process.wait()}")
+        deadline = time.monotonic() + 180
+        while READY_LINE not in log_path.read_text(errors="replace").splitlines():
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"worker exited before it was ready ({process.returncode}):\n{worker_output(process)}"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"worker not ready after 180 s:\n{worker_output(process)}")
+            time.sleep(0.1)
         yield process
     finally:
         if process.poll() is None:
             process.kill()
         process.wait()
+        WORKER_LOGS.pop(process.pid, None)
+        log_path.unlink(missing_ok=True)
+
+
+def worker_output(process: subprocess.Popen[bytes], last_lines: int = 40) -> str:
+    """The last lines a worker process started by `worker_process` wrote (for failure messages)."""
+    path = WORKER_LOGS.get(process.pid)
+    if path is None or not path.exists():
+        return "(no log)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-last_lines:])
 
 
 def keys_for(prefix: str) -> Keys:
