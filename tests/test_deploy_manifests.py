@@ -1,4 +1,5 @@
-"""Deploy manifests agree with the code: images, metrics port, probe paths, env vars, CLI flags, stop timeouts.
+"""Deploy manifests agree with the code: images, metrics port, probe paths, env vars, CLI flags, stop timeouts, for
+the workers and the gateway.
 
 Fast: files are only parsed. No Docker, no cluster, no network, no model.
 """
@@ -17,7 +18,13 @@ from typing import Any
 
 import pytest
 import yaml
+from aiohttp import web
 
+from llamaq.client.gateway import DEFAULT_PORT as GATEWAY_PORT
+from llamaq.client.gateway import SHUTDOWN_TIMEOUT_S as GATEWAY_SHUTDOWN_S
+from llamaq.client.gateway_auth import ApiKeys
+from llamaq.client.gateway_metrics import GatewayMetrics
+from llamaq.client.gateway_routes import Gateway
 from llamaq.worker.cli import _parser
 from llamaq.worker.health_server import DEFAULT_PORT, HealthServer
 from llamaq.worker.metrics import WorkerMetrics
@@ -41,6 +48,8 @@ ENV_PORT_DEFAULT = re.compile(r"os\.environ\.get\(\s*'(?P<name>[A-Z0-9_]+)'\s*,\
 ENV_READ = re.compile(
     r"""os\.(?:environ\.get|getenv)\(\s*["']([A-Z][A-Z0-9_]*)["']|os\.environ\[\s*["']([A-Z][A-Z0-9_]*)["']"""
 )
+# os.environ.get(NAME) where NAME is a module constant: its value is the variable read.
+ENV_READ_BY_CONSTANT = re.compile(r"os\.(?:environ\.get|getenv)\(\s*([A-Z][A-Z0-9_]*)\s*[,)]")
 COMPOSE_VARIABLE = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::?-(?P<default>[^}]*))?\}")
 DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|min|sec|h|m|s)?")
 
@@ -75,7 +84,7 @@ def compose() -> dict[str, Any]:
     return config
 
 
-def compose_workers() -> dict[str, dict[str, Any]]:
+def compose_llamaq_services() -> dict[str, dict[str, Any]]:
     """The compose services that run the llamaq image, by name."""
     services: dict[str, dict[str, Any]] = compose()["services"]
     return {
@@ -83,6 +92,22 @@ def compose_workers() -> dict[str, dict[str, Any]]:
         for name, service in services.items()
         if "build" in service or image_repository(service.get("image", "")) == WORKER_IMAGE
     }
+
+
+def compose_workers() -> dict[str, dict[str, Any]]:
+    """The compose services that run `llamaq worker`, by name."""
+    return {name: s for name, s in compose_llamaq_services().items() if command_of(s)[0] == "worker"}
+
+
+def compose_gateways() -> dict[str, dict[str, Any]]:
+    """The compose services that run `llamaq gateway`, by name."""
+    return {name: s for name, s in compose_llamaq_services().items() if command_of(s)[0] == "gateway"}
+
+
+def command_of(service: dict[str, Any]) -> list[str]:
+    """A compose service's command as a list of arguments."""
+    command = service["command"]
+    return shlex.split(command) if isinstance(command, str) else list(command)
 
 
 def k8s_documents() -> list[dict[str, Any]]:
@@ -108,11 +133,25 @@ def pod_containers() -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
                 yield doc, container
 
 
-def k8s_workers() -> list[tuple[dict[str, Any], dict[str, Any]]]:
+def k8s_llamaq_containers() -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """(workload, container) for the containers that run the llamaq image."""
-    workers = [(doc, c) for doc, c in pod_containers() if image_repository(c["image"]) == WORKER_IMAGE]
-    assert workers, "no container of deploy/k8s runs the llamaq image"
+    found = [(doc, c) for doc, c in pod_containers() if image_repository(c["image"]) == WORKER_IMAGE]
+    assert found, "no container of deploy/k8s runs the llamaq image"
+    return found
+
+
+def k8s_workers() -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(workload, container) for the containers that run `llamaq worker`."""
+    workers = [(doc, c) for doc, c in k8s_llamaq_containers() if c["args"][0] == "worker"]
+    assert workers, "no container of deploy/k8s runs the worker"
     return workers
+
+
+def k8s_gateways() -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(workload, container) for the containers that run `llamaq gateway`."""
+    gateways = [(doc, c) for doc, c in k8s_llamaq_containers() if c["args"][0] == "gateway"]
+    assert gateways, "no container of deploy/k8s runs the gateway"
+    return gateways
 
 
 def image_repository(reference: str) -> str:
@@ -240,8 +279,7 @@ def llamaq_invocations() -> list[tuple[str, list[str]]]:
         assert entrypoint == ["llamaq"], path.name
         found.append((f"{path.name} CMD", command))
     for name, service in compose_workers().items():
-        command = service["command"]
-        found.append((f"compose {name}", shlex.split(command) if isinstance(command, str) else command))
+        found.append((f"compose {name}", command_of(service)))
     for workload, container in k8s_workers():
         # `args` keep the image's entrypoint (llamaq); a `command` would replace it.
         assert "command" not in container, workload["metadata"]["name"]
@@ -256,6 +294,18 @@ def llamaq_invocations() -> list[tuple[str, list[str]]]:
 INVOCATIONS = llamaq_invocations()
 
 
+def gateway_invocations() -> list[tuple[str, list[str]]]:
+    """(where, arguments after `llamaq`) for every command line that runs the gateway."""
+    found = [(f"compose {name}", command_of(service)) for name, service in compose_gateways().items()]
+    for workload, container in k8s_gateways():
+        assert "command" not in container, workload["metadata"]["name"]
+        found.append((f"k8s {workload['metadata']['name']}/{container['name']}", container["args"]))
+    return found
+
+
+GATEWAY_INVOCATIONS = gateway_invocations()
+
+
 def parsed(arguments: list[str], monkeypatch: pytest.MonkeyPatch) -> Any:
     """The arguments as the real `llamaq` parser reads them, with no LLAMAQ_* or REDIS_URL in the environment."""
     for name in code_env_vars():
@@ -266,12 +316,17 @@ def parsed(arguments: list[str], monkeypatch: pytest.MonkeyPatch) -> Any:
         pytest.fail(f"llamaq rejects {shlex.join(arguments)}")
 
 
-def code_env_vars() -> set[str]:
-    """The environment variables the worker package reads, found in its source."""
+def code_env_vars(package: str = "worker") -> set[str]:
+    """The environment variables a package (worker/ or client/) reads, found in its source."""
     names = set()
-    for source in (ROOT / "worker").glob("*.py"):
-        for match in ENV_READ.finditer(source.read_text()):
+    for source in (ROOT / package).glob("*.py"):
+        text = source.read_text()
+        for match in ENV_READ.finditer(text):
             names.add(match[1] or match[2])
+        for match in ENV_READ_BY_CONSTANT.finditer(text):
+            constant = re.search(rf"^{match[1]}\s*=\s*[\"']([A-Z][A-Z0-9_]*)[\"']", text, re.MULTILINE)
+            assert constant is not None, f"{source.name}: {match[1]} is read from the environment but not found"
+            names.add(constant[1])
     return names
 
 
@@ -562,3 +617,110 @@ def test_compose_wires_valkey_prometheus_and_grafana_to_the_workers() -> None:
     assert datasource["type"] == "prometheus" and datasource["url"] == "http://prometheus:9090"
     for folder in ("datasources", "dashboards"):
         assert grafana[f"/etc/grafana/provisioning/{folder}"] == f"./grafana/provisioning/{folder}"
+
+
+# --- the gateway ---------------------------------------------------------------------------------------------
+
+
+def gateway_paths() -> set[str]:
+    """The paths the gateway's application routes (an application that is never started)."""
+    app = web.Application()
+    Gateway(ApiKeys(), GatewayMetrics(process_metrics=False), 1 << 20).add_routes(app)
+    return {resource.canonical for resource in app.router.resources()}
+
+
+@pytest.mark.parametrize(("where", "arguments"), GATEWAY_INVOCATIONS, ids=[w for w, _ in GATEWAY_INVOCATIONS])
+def test_gateway_flags_are_accepted_and_bind_every_address(
+    where: str, arguments: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = parsed(arguments, monkeypatch)
+    assert args.handler.__name__ == "_run_from_args", where
+    # The default (loopback) would be unreachable from outside the container.
+    assert args.host == "0.0.0.0", where
+    assert args.port == GATEWAY_PORT, where
+
+
+def test_gateway_ports_probes_and_metrics_agree_with_the_code() -> None:
+    paths = gateway_paths()
+    assert {LIVENESS_PATH, READINESS_PATH, "/metrics", "/v1/chat/completions"} <= paths
+    ports: dict[str, int] = {}
+    probes: dict[str, str] = {}
+    gateways = compose_gateways()
+    assert gateways, "compose runs a gateway"
+    for name, service in gateways.items():
+        for port, path in local_urls(compose_healthcheck(service)):
+            ports[f"compose {name} healthcheck"] = port
+            probes[f"compose {name} healthcheck"] = path
+        for mapping in service["ports"]:
+            ports[f"compose {name} ports {mapping}"] = int(str(mapping).rsplit(":", 1)[1])
+    prometheus = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    (job,) = [job for job in prometheus["scrape_configs"] if job["job_name"] == "llamaq-gateway"]
+    targets = [target for static in job["static_configs"] for target in static["targets"]]
+    assert {target.rsplit(":", 1)[0] for target in targets} == set(gateways)
+    assert job.get("metrics_path", "/metrics") in paths
+    ports |= {f"prometheus.yml target {t}": int(t.rsplit(":", 1)[1]) for t in targets}
+    for workload, container in k8s_gateways():
+        where = f"k8s {workload['metadata']['name']}"
+        assert workload["kind"] == "Deployment"
+        named = {port["name"]: port["containerPort"] for port in container["ports"]}
+        ports[f"{where} containerPort http"] = named["http"]
+        for probe in ("livenessProbe", "readinessProbe"):
+            port = container[probe]["httpGet"]["port"]
+            ports[f"{where} {probe}"] = named[port] if isinstance(port, str) else port
+            probes[f"{where} {probe}"] = container[probe]["httpGet"]["path"]
+        annotations = workload["spec"]["template"]["metadata"]["annotations"]
+        ports[f"{where} prometheus.io/port"] = int(annotations["prometheus.io/port"])
+        assert annotations["prometheus.io/path"] in paths
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        services = [
+            s for s in k8s_objects("Service") if s["spec"]["selector"] == workload["spec"]["selector"]["matchLabels"]
+        ]
+        assert services, f"a Service selects {where}"
+        for service in services:
+            for port in service["spec"]["ports"]:
+                target = port["targetPort"]
+                ports[f"k8s Service {service['metadata']['name']}"] = (
+                    named[target] if isinstance(target, str) else target
+                )
+        (config_map,) = k8s_objects("ConfigMap")
+        config = yaml.safe_load(config_map["data"]["prometheus.yml"])
+        (k8s_job,) = [job for job in config["scrape_configs"] if job["job_name"] == "llamaq-gateway"]
+        keep = {tuple(r["source_labels"]): r["regex"] for r in k8s_job["relabel_configs"] if r.get("action") == "keep"}
+        assert keep[("__meta_kubernetes_pod_label_app_kubernetes_io_name",)] == labels["app.kubernetes.io/name"]
+        assert named[keep[("__meta_kubernetes_pod_container_port_name",)]] == GATEWAY_PORT
+    assert {where: port for where, port in ports.items() if port != GATEWAY_PORT} == {}
+    # Liveness restarts a gateway whose queue client broke; readiness (Redis answers) gates traffic.
+    assert {where: path for where, path in probes.items() if "liveness" in where} == {
+        where: LIVENESS_PATH for where in probes if "liveness" in where
+    }
+    assert {path for where, path in probes.items() if "liveness" not in where} == {READINESS_PATH}
+
+
+def test_gateway_env_vars_are_read_by_the_code_and_its_secrets_exist() -> None:
+    read = code_env_vars("client")
+    assert {"REDIS_URL", "LLAMAQ_API_KEYS"} <= read
+    services = compose()["services"]
+    valkey = services["valkey"]["command"]
+    password = valkey[valkey.index("--requirepass") + 1]
+    for name, service in compose_gateways().items():
+        assert set(service["environment"]) <= read, name
+        assert service["environment"]["REDIS_URL"] == f"redis://:{password}@valkey:6379/0", name
+        assert service["depends_on"]["valkey"]["condition"] == "service_healthy", name
+    secrets = {doc["metadata"]["name"]: doc for doc in k8s_objects("Secret")}
+    for workload, container in k8s_gateways():
+        env = {item["name"]: item for item in container["env"]}
+        assert set(env) <= read, workload["metadata"]["name"]
+        for item in env.values():
+            reference = item["valueFrom"]["secretKeyRef"]
+            assert reference["key"] in secrets[reference["name"]]["stringData"], item["name"]
+    # The template's keys parse (empty: no keys, the gateway serves anyone and says so).
+    assert not ApiKeys.load(None, secrets["llamaq-gateway-keys"]["stringData"]["keys"]).enabled
+
+
+def test_gateway_stop_timeouts_exceed_its_shutdown_grace() -> None:
+    grace = {f"compose {n}": seconds(s["stop_grace_period"]) for n, s in compose_gateways().items()}
+    for workload, _ in k8s_gateways():
+        grace[f"k8s {workload['metadata']['name']}"] = workload["spec"]["template"]["spec"][
+            "terminationGracePeriodSeconds"
+        ]
+    assert grace and {where: s for where, s in grace.items() if s <= GATEWAY_SHUTDOWN_S} == {}

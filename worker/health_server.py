@@ -1,8 +1,8 @@
 """A small HTTP server for Prometheus and orchestrators: /metrics, /healthz (liveness) and /readyz (readiness).
 
 It runs on its own daemon thread, apart from the asyncio loop and the engine thread, so a scrape or a probe is
-answered even while either is busy. The worker serves it on port 9464 (Prometheus's customary exporter range;
-the gateway will take 9465) on a configurable bind address.
+answered even while either is busy. The worker serves it on port 9464 (Prometheus's customary exporter range) on
+a configurable bind address; the gateway serves its own on its API port.
 
 The two probe callables run on the server's threads: they must be quick and must not block, reading state the
 worker already keeps (the engine thread's `alive`, the last Redis round trip's outcome, whether the consumer group
