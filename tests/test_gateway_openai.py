@@ -327,9 +327,8 @@ async def test_two_gateways_share_one_worker(served: Served) -> None:
     settings = GatewaySettings(served.redis_url, prefix=served.prefix, process_metrics=False)
     async with running_gateway(settings) as other_url:
         first, second = async_client(served.api), async_client(f"{other_url}/v1")
-        # Distinct questions: identical greedy prompts running at once can differ on the worker today (reported:
-        # one copies the other's prefix before it is computed), which is not the gateway's business.
-        questions = [f"Say the number {i} in words." for i in range(8)]
+        # Each question twice, through both gateways at once: the repeat copies the other's KV while both run.
+        questions = [f"Say the number {i // 2} in words." for i in range(8)]
         answers = await asyncio.gather(
             *[
                 (first, second)[i % 2].chat.completions.create(

@@ -53,6 +53,34 @@ def test_with_the_cache_off_nothing_is_parked_or_copied() -> None:
     assert second is not None and (second.n_cached, second.copy_from) == (0, None)
 
 
+def test_a_copy_source_is_not_evicted_in_the_round_that_copies_it() -> None:
+    # The engine clears a round's evicted ids before it copies: evicting the source empties the copy.
+    kv = KvCache(n_seq_max=2, window=100)
+    first, second = kv.admit(list(range(20))), kv.admit(list(range(500, 520)))
+    assert first is not None and second is not None
+    kv.park(first.seq_id, list(range(24)))
+    kv.park(second.seq_id, list(range(500, 524)))
+    copying = kv.admit(list(range(20)))
+    assert copying == Allocation(seq_id=second.seq_id, n_cached=19, copy_from=first.seq_id)
+    assert kv.is_copy_source(first.seq_id)
+    assert kv.admit([900, 901]) is None, "the only idle id is the source of a copy not yet made"
+    assert [e.seq_id for e in kv.take_evicted()] == [second.seq_id]
+    kv.end_round()
+    later = kv.admit([900, 901])
+    assert later == Allocation(seq_id=first.seq_id, n_cached=0)
+
+
+def test_a_preempted_copy_releases_its_source() -> None:
+    kv = KvCache(n_seq_max=2, window=100)
+    source = kv.admit(list(range(30)))
+    assert source is not None
+    kv.park(source.seq_id, list(range(30)))
+    copying = kv.admit([*range(25), 7])
+    assert copying is not None and copying.copy_from == source.seq_id
+    kv.free(copying.seq_id)  # preempted before the engine copied anything
+    assert not kv.is_copy_source(source.seq_id)
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     n_seq_max=st.integers(1, 5),

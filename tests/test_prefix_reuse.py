@@ -4,6 +4,8 @@ reports the reused tokens as cached, and its greedy text is the same as without 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import defaultdict
 from pathlib import Path
 
 import anyio
@@ -11,7 +13,9 @@ import llama_cpp
 import pytest
 
 from llamaq.client import Client
-from llamaq.protocol import TokenEvent
+from llamaq.protocol import ChatMessage, DoneEvent, Event, Request, RequestKind, SamplingParams, TokenEvent
+from llamaq.worker.engine import Engine, EngineConfig
+from llamaq.worker.engine_loop import EngineLoop, Outgoing, StepStats
 
 from .conftest import assert_kv_cache_accounted, kv_cells_in_use, running_worker, wait_until_idle, worker_settings
 from .greedy_reference import MAX_TOKENS, solo_llama_texts
@@ -179,3 +183,76 @@ async def test_n_choices_compute_the_prompt_once_and_each_equals_its_seed_alone(
     assert decoded - generated < prompt + 10, f"{decoded - generated} prompt tokens computed for 3 choices"
     assert [c.text for c in choices] == [a.text for a in alone]
     assert len({c.text for c in choices}) > 1, "the choices did not sample independently"
+
+
+class LoopByHand:
+    """An EngineLoop run on this thread: each serve() takes every request given before its first step, so they
+    meet in one admission round."""
+
+    def __init__(self, model_path: Path, n_seq_max: int) -> None:
+        self.engine = Engine(EngineConfig(model_path, n_ctx=1024 * n_seq_max, n_seq_max=n_seq_max, n_batch=256))
+        self.events: dict[str, list[Event]] = defaultdict(list)
+        self.loop = EngineLoop(self.engine, token_budget=256, emit=self._collect)
+
+    def _collect(self, out: list[Outgoing], _stats: StepStats | None) -> None:
+        for outgoing in out:
+            self.events[outgoing.request_key].append(outgoing.event)
+
+    def serve(self, *requests: Request) -> None:
+        """Run the loop until these requests (and anything before them) are done."""
+        for request in requests:
+            self.loop.submit(request, time.time())
+        self.loop.stop(600.0)
+        self.loop.run()
+
+    def answer(self, request: Request) -> tuple[str, DoneEvent]:
+        """A finished request's text and final event."""
+        stream = self.events[request.key]
+        done = stream[-1]
+        assert isinstance(done, DoneEvent), done
+        return "".join(e.text for e in stream if isinstance(e, TokenEvent)), done
+
+
+def greedy_chat(name: str, text: str, max_tokens: int) -> Request:
+    """A greedy one-message chat request."""
+    messages = (ChatMessage("user", text),)
+    return Request(f"{name}00000", "client00", RequestKind.CHAT, messages, params=SamplingParams(max_tokens, 0.0))
+
+
+def test_a_copy_and_an_eviction_in_one_step_keep_the_copied_kv(model_path: Path) -> None:
+    """Three idle sequences, then in one step two repeats, each copying its earlier run into an evicted id: the
+    second must not evict the first one's source. Found with identical greedy chats in flight: a repeat was
+    decoded on the empty copy of an evicted sequence and answered something else."""
+    by_hand = LoopByHand(model_path, n_seq_max=3)
+    try:
+        # Finishing in the order oldest, first, second makes the oldest the least recently used.
+        oldest = Request(
+            "oldest00000", "client00", RequestKind.COMPLETION, prompt="Count", params=SamplingParams(2, 0.0)
+        )
+        first, second = greedy_chat("first", "Say 1.", 8), greedy_chat("second", "Say 2.", 12)
+        by_hand.serve(oldest, first, second)
+        first_again, second_again = greedy_chat("firstagain", "Say 1.", 8), greedy_chat("secondagain", "Say 2.", 12)
+        by_hand.serve(first_again, second_again)
+        for earlier, repeat in ((first, first_again), (second, second_again)):
+            (earlier_text, _), (text, done) = by_hand.answer(earlier), by_hand.answer(repeat)
+            assert done.usage.cached_tokens == done.usage.prompt_tokens - 1, "the repeat reuses the earlier KV"
+            assert text == earlier_text, repeat.id
+    finally:
+        by_hand.engine.close()
+
+
+def test_a_prefix_missing_from_the_kv_is_recomputed_not_decoded_on_nothing(model_path: Path) -> None:
+    """The loop checks that llama.cpp holds what the bookkeeping says before it decodes onto a cached prefix:
+    llama.cpp itself accepts any position on an empty sequence."""
+    by_hand = LoopByHand(model_path, n_seq_max=2)
+    try:
+        first = greedy_chat("first", "Say 1.", 8)
+        by_hand.serve(first)
+        (idle,) = by_hand.loop.kv.cells_held()
+        by_hand.engine.free_sequence(idle)  # its KV lost behind the bookkeeping's back
+        again = greedy_chat("again", "Say 1.", 8)
+        by_hand.serve(again)
+        (first_text, _), (text, done) = by_hand.answer(first), by_hand.answer(again)
+        assert done.usage.cached_tokens == 0 and text == first_text
+    finally:
+        by_hand.engine.close()

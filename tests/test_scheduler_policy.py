@@ -19,7 +19,10 @@ def make_sequence(n_prompt: int, name: str = "r") -> Sequence:
 
 def run_plan(scheduler: Scheduler) -> list[tuple[Sequence, int]]:
     """Carry out one step the way the engine loop does, sampling token 7 where logits are wanted."""
-    plan = scheduler.schedule().chunks
+    step = scheduler.schedule()
+    # The engine clears these ids before it copies: a cleared source would leave its copy empty.
+    assert not {s.copy_from for s in step.admitted} & set(step.cleared), "a copy's source is cleared first"
+    plan = step.chunks
     for chunk in plan:
         if scheduler.record_decoded(chunk):
             chunk.sequence.generated.append(7)
@@ -115,6 +118,29 @@ def test_a_request_sharing_a_prefix_being_prefilled_waits_to_copy_it() -> None:
     plan = scheduler.schedule()
     assert second in plan.admitted
     assert second.copy_from == first.seq_id and second.n_computed == 39
+
+
+def test_a_step_never_evicts_the_source_of_a_copy_it_admits() -> None:
+    # Found with two identical chat prompts in flight: the second copied a sequence evicted in the same step
+    # and answered from an empty KV.
+    scheduler = Scheduler(KvCache(n_seq_max=2, window=1024), token_budget=64)
+    kept, other = make_sequence(30, "a"), make_sequence(30, "b")
+    other.prompt_tokens = list(range(500, 530))
+    for sequence in (kept, other):
+        scheduler.add(sequence)
+    while any(s.n_computed <= 30 for s in (kept, other)):
+        run_plan(scheduler)
+    source = kept.seq_id
+    for sequence in (kept, other):
+        scheduler.release(sequence, keep_cache=True)
+    again, unrelated = make_sequence(30, "c"), make_sequence(3, "d")
+    unrelated.prompt_tokens = [900, 901, 902]
+    scheduler.add(again)
+    scheduler.add(unrelated)
+    step = scheduler.schedule()
+    assert step.admitted == [again] and again.copy_from == source and again.n_computed == 29
+    assert unrelated.status is Status.WAITING, "the only id left holds the KV the new sequence copies"
+    assert source not in step.cleared
 
 
 def test_unified_layout_preempts_the_latest_admitted_when_cells_run_out() -> None:

@@ -364,6 +364,18 @@ class EngineLoop:
             log.warning("llama.cpp refused to truncate sequence %d; recomputing its prompt", sequence.seq_id)
             self.engine.free_sequence(sequence.seq_id)
             sequence.n_computed = sequence.cached_tokens = 0
+        held = self.engine.sequence_length(sequence.seq_id)
+        if held != sequence.n_computed:
+            # llama.cpp decodes onto an empty sequence at any position without a word, so a prefix lost by a
+            # bookkeeping bug would silently change the answer: recompute instead.
+            log.error(
+                "sequence %d holds %d positions where %d were expected; recomputing its prompt",
+                sequence.seq_id,
+                held,
+                sequence.n_computed,
+            )
+            self.engine.free_sequence(sequence.seq_id)
+            sequence.n_computed = sequence.cached_tokens = 0
 
     def _decode(self, slices: list[BatchSlice]) -> list[int]:
         """One llama_decode; on "no KV slot" (status 1, nothing kept) free every idle sequence and retry once."""

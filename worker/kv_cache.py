@@ -71,6 +71,9 @@ class KvCache:
     _displaced: list[Evicted] = field(init=False, default_factory=list)
     _idle: dict[int, _Idle] = field(init=False, default_factory=dict)
     _running: set[int] = field(init=False, default_factory=set)
+    _copies: dict[int, int] = field(init=False, default_factory=dict)
+    """This round's copies, target id -> source id. The engine clears a round's evicted ids before it copies, so a
+    source must keep its cells (neither evicted nor preempted) until end_round."""
     _clock: count[int] = field(init=False, default_factory=count)
     evictions: int = field(init=False, default=0)
     """Idle sequences evicted to make room (least recently used, or all after a failed decode)."""
@@ -123,9 +126,18 @@ class KvCache:
         displaced, self._displaced = self._displaced, []
         return displaced
 
+    def end_round(self) -> None:
+        """The engine is about to carry out this round's admissions: the sources of their copies may go again."""
+        self._copies.clear()
+
+    def is_copy_source(self, seq_id: int) -> bool:
+        """True while an admission of this round is to copy this sequence's KV."""
+        return seq_id in self._copies.values()
+
     def evict_lru(self, keep: int | None = None) -> int | None:
-        """Evict the least recently used idle sequence other than `keep`; its id (also kept for take_evicted)."""
-        evictable = [seq_id for seq_id in self._idle if seq_id != keep]
+        """Evict the least recently used idle sequence other than `keep` and this round's copy sources; its id
+        (also kept for take_evicted)."""
+        evictable = [seq_id for seq_id in self._idle if seq_id != keep and not self.is_copy_source(seq_id)]
         if not evictable:
             return None
         oldest = min(evictable, key=lambda seq_id: self._idle[seq_id].last_used)
@@ -245,6 +257,7 @@ class KvCache:
         """Return a running sequence's id to the pool; its cells must already be cleared."""
         self._check_running(seq_id)
         self._running.discard(seq_id)
+        self._copies.pop(seq_id, None)
         self._free.append(seq_id)
         self.ledger.drop(seq_id)
 
@@ -285,6 +298,7 @@ class KvCache:
         n_cached = max(n_cached, 0)
         copy_from = None if n_cached == 0 else copy_from
         if copy_from is not None:
+            self._copies[seq_id] = copy_from
             self.ledger.copy(copy_from, seq_id, n_cached)
         elif n_cached:
             self.ledger.resize(seq_id, n_cached)

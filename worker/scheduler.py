@@ -90,8 +90,10 @@ class Scheduler:
             if self.kv.evict_lru() is None:
                 if len(self.running) <= 1:
                     break  # one sequence always fits: its prompt plus max_tokens was checked against the cells
-                victim = self._victim(self.running)
-                assert victim is not None and victim.seq_id is not None
+                victim = self._victim(self._preemptible(self.running))
+                if victim is None:
+                    break  # only sources of this round's copies run: the step's new cells wait for them
+                assert victim.seq_id is not None
                 cleared.append(victim.seq_id)
                 if victim in admitted:
                     admitted.remove(victim)
@@ -100,6 +102,7 @@ class Scheduler:
             room = self.kv.room()
         # Every id evicted here, during admission too, must be cleared, even when no admission followed.
         evicted = self.kv.take_evicted()
+        self.kv.end_round()
         return StepPlan([e.seq_id for e in evicted] + cleared, admitted, chunks, evicted, self.kv.take_displaced())
 
     def _plan(self) -> list[Chunk]:
@@ -169,7 +172,8 @@ class Scheduler:
                 continue
             allocation = self._allocate(sequence)
             if allocation is None:
-                victim = self._victim([s for s in self.running if s.request.priority < sequence.request.priority])
+                lower = [s for s in self.running if s.request.priority < sequence.request.priority]
+                victim = self._victim(self._preemptible(lower))
                 if victim is None:
                     break
                 assert victim.seq_id is not None
@@ -197,6 +201,10 @@ class Scheduler:
     def _allocate(self, sequence: Sequence) -> Allocation | None:
         computed = {s.seq_id: s.computed_tokens() for s in self.running if s.seq_id is not None}
         return self.kv.admit(sequence.all_tokens(), computed, sequence.request.conversation)
+
+    def _preemptible(self, candidates: list[Sequence]) -> list[Sequence]:
+        """Those whose KV no admission of this round copies: the engine clears a victim before it copies."""
+        return [s for s in candidates if s.seq_id is not None and not self.kv.is_copy_source(s.seq_id)]
 
     @staticmethod
     def _victim(candidates: list[Sequence]) -> Sequence | None:
