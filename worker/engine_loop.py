@@ -362,10 +362,7 @@ class EngineLoop:
             sequence.copy_from = None
         if not self.engine.truncate_sequence(sequence.seq_id, sequence.n_computed):
             log.warning("llama.cpp refused to truncate sequence %d; recomputing its prompt", sequence.seq_id)
-            self.engine.free_sequence(sequence.seq_id)
-            sequence.n_computed = sequence.cached_tokens = 0
-        held = self.engine.sequence_length(sequence.seq_id)
-        if held != sequence.n_computed:
+        elif (held := self.engine.sequence_length(sequence.seq_id)) != sequence.n_computed:
             # llama.cpp decodes onto an empty sequence at any position without a word, so a prefix lost by a
             # bookkeeping bug would silently change the answer: recompute instead.
             log.error(
@@ -374,8 +371,10 @@ class EngineLoop:
                 held,
                 sequence.n_computed,
             )
-            self.engine.free_sequence(sequence.seq_id)
-            sequence.n_computed = sequence.cached_tokens = 0
+        else:
+            return
+        self.engine.free_sequence(sequence.seq_id)
+        sequence.n_computed = sequence.cached_tokens = 0
 
     def _decode(self, slices: list[BatchSlice]) -> list[int]:
         """One llama_decode; on "no KV slot" (status 1, nothing kept) free every idle sequence and retry once."""
