@@ -9,7 +9,6 @@ import secrets
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +19,7 @@ import redis.asyncio as aioredis
 from llamaq.protocol import Keys
 from llamaq.worker.embedded_valkey import EmbeddedValkey
 from llamaq.worker.model_files import default_model_path
+from llamaq.worker.process_log import log_tail, wait_for_line
 from llamaq.worker.service import READY_LINE, Worker
 from llamaq.worker.settings import WorkerSettings
 
@@ -167,15 +167,7 @@ def worker_process(redis_url: str, prefix: str, *extra: str) -> Iterator[subproc
         )
     WORKER_LOGS[process.pid] = log_path
     try:
-        deadline = time.monotonic() + 180
-        while READY_LINE not in log_path.read_text(errors="replace").splitlines():
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"worker exited before it was ready ({process.returncode}):\n{worker_output(process)}"
-                )
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"worker not ready after 180 s:\n{worker_output(process)}")
-            time.sleep(0.1)
+        wait_for_line(process, log_path, READY_LINE, 180)
         yield process
     finally:
         if process.poll() is None:
@@ -188,9 +180,7 @@ def worker_process(redis_url: str, prefix: str, *extra: str) -> Iterator[subproc
 def worker_output(process: subprocess.Popen[bytes], last_lines: int = 40) -> str:
     """The last lines a worker process started by `worker_process` wrote (for failure messages)."""
     path = WORKER_LOGS.get(process.pid)
-    if path is None or not path.exists():
-        return "(no log)"
-    return "\n".join(path.read_text(errors="replace").splitlines()[-last_lines:])
+    return "(no log)" if path is None else log_tail(path, last_lines)
 
 
 def keys_for(prefix: str) -> Keys:

@@ -25,6 +25,7 @@ from .bench_http import llama_server
 from .bench_load import Trace, chat_messages, request_index
 from .bench_process import dying_with_parent
 from .engine import Engine, EngineConfig
+from .process_log import wait_for_line
 from .service import READY_LINE
 
 CELLS_PER_SEQUENCE = 512
@@ -97,11 +98,7 @@ def worker_process(
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
     try:
-        deadline = time.monotonic() + 120
-        while READY_LINE not in log_path.read_text(errors="replace"):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker did not start:\n{log_path.read_text(errors='replace')[-2000:]}")
-            time.sleep(0.1)
+        wait_for_line(process, log_path, READY_LINE, 120)
         yield process
     finally:
         process.terminate()
