@@ -12,11 +12,9 @@ _PR_SET_PDEATHSIG = 1
 
 # Runs in the child before it becomes the real program: the death signal survives exec (not for setuid ones).
 _LAUNCHER = (
-    "import ctypes, os, signal, sys\n"
-    "try:\n"
-    "    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)\n"
-    "except (OSError, AttributeError):\n"
-    "    pass\n"
+    "import os, sys\n"
+    "from llamaq.worker.bench_process import die_with_parent\n"
+    "die_with_parent()\n"
     "os.execvp(sys.argv[1], sys.argv[1:])\n"
 )
 
