@@ -94,14 +94,19 @@ def compose_llamaq_services() -> dict[str, dict[str, Any]]:
     }
 
 
+def compose_running(subcommand: str) -> dict[str, dict[str, Any]]:
+    """The compose services that run `llamaq <subcommand>`, by name."""
+    return {name: s for name, s in compose_llamaq_services().items() if command_of(s)[0] == subcommand}
+
+
 def compose_workers() -> dict[str, dict[str, Any]]:
     """The compose services that run `llamaq worker`, by name."""
-    return {name: s for name, s in compose_llamaq_services().items() if command_of(s)[0] == "worker"}
+    return compose_running("worker")
 
 
 def compose_gateways() -> dict[str, dict[str, Any]]:
     """The compose services that run `llamaq gateway`, by name."""
-    return {name: s for name, s in compose_llamaq_services().items() if command_of(s)[0] == "gateway"}
+    return compose_running("gateway")
 
 
 def command_of(service: dict[str, Any]) -> list[str]:
@@ -140,18 +145,26 @@ def k8s_llamaq_containers() -> list[tuple[dict[str, Any], dict[str, Any]]]:
     return found
 
 
+def k8s_running(subcommand: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(workload, container) for the containers that run `llamaq <subcommand>`; there must be one."""
+    found = [(doc, c) for doc, c in k8s_llamaq_containers() if c["args"][0] == subcommand]
+    assert found, f"no container of deploy/k8s runs llamaq {subcommand}"
+    return found
+
+
 def k8s_workers() -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """(workload, container) for the containers that run `llamaq worker`."""
-    workers = [(doc, c) for doc, c in k8s_llamaq_containers() if c["args"][0] == "worker"]
-    assert workers, "no container of deploy/k8s runs the worker"
-    return workers
+    return k8s_running("worker")
 
 
 def k8s_gateways() -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """(workload, container) for the containers that run `llamaq gateway`."""
-    gateways = [(doc, c) for doc, c in k8s_llamaq_containers() if c["args"][0] == "gateway"]
-    assert gateways, "no container of deploy/k8s runs the gateway"
-    return gateways
+    return k8s_running("gateway")
+
+
+def port_number(named: dict[str, int], port: int | str) -> int:
+    """A Kubernetes port given by number or by the name of one of the container's ports."""
+    return named[port] if isinstance(port, str) else port
 
 
 def image_repository(reference: str) -> str:
@@ -437,7 +450,7 @@ def k8s_metrics_ports() -> dict[str, int]:
         ports[f"{where} containerPort metrics"] = named["metrics"]
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
             port = container[probe]["httpGet"]["port"]
-            ports[f"{where} {probe}"] = named[port] if isinstance(port, str) else port
+            ports[f"{where} {probe}"] = port_number(named, port)
         annotations = workload["spec"]["template"]["metadata"]["annotations"]
         ports[f"{where} prometheus.io/port"] = int(annotations["prometheus.io/port"])
     for service in k8s_objects("Service"):
@@ -666,7 +679,7 @@ def test_gateway_ports_probes_and_metrics_agree_with_the_code() -> None:
         ports[f"{where} containerPort http"] = named["http"]
         for probe in ("livenessProbe", "readinessProbe"):
             port = container[probe]["httpGet"]["port"]
-            ports[f"{where} {probe}"] = named[port] if isinstance(port, str) else port
+            ports[f"{where} {probe}"] = port_number(named, port)
             probes[f"{where} {probe}"] = container[probe]["httpGet"]["path"]
         annotations = workload["spec"]["template"]["metadata"]["annotations"]
         ports[f"{where} prometheus.io/port"] = int(annotations["prometheus.io/port"])
@@ -678,10 +691,7 @@ def test_gateway_ports_probes_and_metrics_agree_with_the_code() -> None:
         assert services, f"a Service selects {where}"
         for service in services:
             for port in service["spec"]["ports"]:
-                target = port["targetPort"]
-                ports[f"k8s Service {service['metadata']['name']}"] = (
-                    named[target] if isinstance(target, str) else target
-                )
+                ports[f"k8s Service {service['metadata']['name']}"] = port_number(named, port["targetPort"])
         (config_map,) = k8s_objects("ConfigMap")
         config = yaml.safe_load(config_map["data"]["prometheus.yml"])
         (k8s_job,) = [job for job in config["scrape_configs"] if job["job_name"] == "llamaq-gateway"]
