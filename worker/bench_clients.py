@@ -9,6 +9,7 @@ import multiprocessing
 import queue
 import threading
 import time
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,12 +46,19 @@ class ClientRun:
     cpu_s: float = 0.0
 
 
-def run_client_processes(jobs: list[ClientJob], timeout_s: float) -> ClientRun:
-    """Start one process per job, release them together once all are connected, and gather their traces."""
+def run_client_processes(
+    jobs: Sequence[Any], timeout_s: float, body: Callable[[Any, Any, Any], None] | None = None
+) -> ClientRun:
+    """Start one process per job, release them together once all are connected, and gather their traces.
+
+    `body(job, barrier, results)` runs in each process (default: closed-loop users, client_process); it waits
+    on the barrier once connected and puts (traces, CPU seconds) or an error string on results.
+    """
     context = multiprocessing.get_context("spawn")
     barrier = context.Barrier(len(jobs) + 1)
     results: multiprocessing.Queue[tuple[list[Trace], float] | str] = context.Queue()
-    processes = [context.Process(target=client_process, args=(job, barrier, results), daemon=True) for job in jobs]
+    target = body or client_process
+    processes = [context.Process(target=target, args=(job, barrier, results), daemon=True) for job in jobs]
     for process in processes:
         process.start()
     run = ClientRun()
@@ -73,10 +81,17 @@ def run_client_processes(jobs: list[ClientJob], timeout_s: float) -> ClientRun:
 
 
 def client_process(job: ClientJob, barrier: Any, results: Any) -> None:
-    """Body of one client process: connect, wait for the others, run the users, send back traces and CPU."""
+    """Body of one closed-loop client process: connect, wait for the others, run the users, send back traces."""
+    run_in_client_process(_run_job, job, barrier, results)
+
+
+def run_in_client_process(
+    run: Callable[[Any, Any], Coroutine[Any, Any, tuple[list[Trace], float]]], job: Any, barrier: Any, results: Any
+) -> None:
+    """Run `run(job, barrier)` in this client process and put its outcome, or its error, on results."""
     die_with_parent()
     try:
-        results.put(asyncio.run(_run_job(job, barrier)))
+        results.put(asyncio.run(run(job, barrier)))
     except Exception as exc:  # noqa: BLE001 - any failure must reach the parent, or it waits for its timeout
         barrier.abort()
         results.put(f"{type(exc).__name__}: {exc}")
@@ -101,25 +116,30 @@ async def _run_job(job: ClientJob, barrier: Any) -> tuple[list[Trace], float]:
 
 
 async def _redis_user(client: Any, job: ClientJob, user: int) -> list[Trace]:
-    from llamaq.protocol import DoneEvent, ErrorEvent, TokenEvent
-
     traces = []
     for turn in range(job.requests_per_user):
         index = request_index(user, turn, job.requests_per_user)
         trace = Trace(index, time.monotonic())
-        handle = await client.submit(messages=chat_messages(index), max_tokens=job.max_tokens, temperature=0)
-        async with handle:
-            async for event in handle:
-                now = time.monotonic()
-                if isinstance(event, TokenEvent) and event.tokens:
-                    trace.token_times.append(now)
-                elif isinstance(event, DoneEvent):
-                    trace.done_at, trace.n_tokens = now, event.usage.completion_tokens
-                    trace.worker_ttft_ms = event.timings.ttft_ms
-                elif isinstance(event, ErrorEvent):
-                    trace.error = f"{event.code}: {event.message}"
+        await record_redis(client, trace, messages=chat_messages(index), max_tokens=job.max_tokens, temperature=0)
         traces.append(trace)
     return traces
+
+
+async def record_redis(client: Any, trace: Trace, **options: Any) -> None:
+    """Send one request with llamaq's Client and record its streamed tokens and end into trace."""
+    from llamaq.protocol import DoneEvent, ErrorEvent, TokenEvent
+
+    handle = await client.submit(**options)
+    async with handle:
+        async for event in handle:
+            now = time.monotonic()
+            if isinstance(event, TokenEvent) and event.tokens:
+                trace.token_times.append(now)
+            elif isinstance(event, DoneEvent):
+                trace.done_at, trace.n_tokens = now, event.usage.completion_tokens
+                trace.worker_ttft_ms = event.timings.ttft_ms
+            elif isinstance(event, ErrorEvent):
+                trace.error = f"{event.code}: {event.message}"
 
 
 async def _http_user(
@@ -130,17 +150,22 @@ async def _http_user(
         index = request_index(user, turn, job.requests_per_user)
         body = {"prompt": list(prompts[index]), "n_predict": job.max_tokens, "temperature": 0, "cache_prompt": True}
         trace = Trace(index, time.monotonic())
-        try:
-            async for event in stream_completion(host, port, body):
-                now = time.monotonic()
-                if event.get("stop"):
-                    trace.done_at, trace.n_tokens = now, _tokens_predicted(event)
-                elif event.get("content") or event.get("tokens"):
-                    trace.token_times.append(now)
-        except (OSError, RuntimeError, ValueError) as exc:
-            trace.error = f"{type(exc).__name__}: {exc}"
+        await record_http(host, port, body, trace)
         traces.append(trace)
     return traces
+
+
+async def record_http(host: str, port: int, body: dict[str, Any], trace: Trace) -> None:
+    """Stream one /completion from llama-server and record its streamed tokens and end into trace."""
+    try:
+        async for event in stream_completion(host, port, body):
+            now = time.monotonic()
+            if event.get("stop"):
+                trace.done_at, trace.n_tokens = now, _tokens_predicted(event)
+            elif event.get("content") or event.get("tokens"):
+                trace.token_times.append(now)
+    except (OSError, RuntimeError, ValueError) as exc:
+        trace.error = f"{type(exc).__name__}: {exc}"
 
 
 def _tokens_predicted(final: dict[str, Any]) -> int:

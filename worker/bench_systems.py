@@ -83,11 +83,21 @@ def prompt_tokens(model: Path, n_requests: int) -> dict[int, list[int]]:
 
 @contextlib.contextmanager
 def worker_process(
-    url: str, prefix: str, parallel: int, n_ctx: int, threads: int, log_path: Path
+    url: str,
+    prefix: str,
+    parallel: int,
+    n_ctx: int,
+    threads: int,
+    log_path: Path,
+    n_batch: int = N_BATCH,
+    launcher: tuple[str, ...] = ("-m", "llamaq.worker.cli"),
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """A worker in its own process, started with the `llamaq worker` command line, stopped gracefully after."""
-    command = [sys.executable, "-m", "llamaq.worker.cli", "worker", "--redis-url", url, "--prefix", prefix]
-    command += ["--parallel", str(parallel), "--n-ctx", str(n_ctx), "--n-batch", str(N_BATCH)]
+    """A worker in its own process, started with the `llamaq worker` command line, stopped gracefully after.
+
+    `launcher` is what python runs with that command line (a probe wrapping the CLI, for one).
+    """
+    command = [sys.executable, *launcher, "worker", "--redis-url", url, "--prefix", prefix]
+    command += ["--parallel", str(parallel), "--n-ctx", str(n_ctx), "--n-batch", str(n_batch)]
     # Metrics stay on, as deployed, but on a free port: a test run or another worker may hold the default one.
     command += ["--threads", str(threads), "--metrics-port", "0"]
     with open(log_path, "wb") as log:
