@@ -24,6 +24,8 @@ class CellLedger:
 
     def __init__(self) -> None:
         self._spans: dict[int, list[_Span]] = {}
+        self._holders: dict[int, int] = {}
+        """Sequences referencing each group: a group held by one sequence alone may grow in place."""
         self._groups = count()
 
     def cells_in_use(self) -> int:
@@ -43,26 +45,47 @@ class CellLedger:
 
     def copy(self, source: int, target: int, length: int) -> None:
         """Target now holds source's first `length` positions, in the same cells."""
-        self._spans[target] = _clip(self._spans.get(source, []), length)
+        self._set(target, _clip(self._spans.get(source, []), length))
 
     def resize(self, seq_id: int, length: int) -> None:
         """A sequence was cut back to, or grew to, `length` positions (growth takes new cells)."""
-        spans = _clip(self._spans.get(seq_id, []), length)
+        spans = self._spans.get(seq_id, [])
         current = spans[-1].end if spans else 0
-        if length > current:
-            last = spans[-1] if spans else None
-            if last is not None and not self._shared(last.group, seq_id):
-                spans[-1] = _Span(last.group, last.start, length)
-            else:
-                spans.append(_Span(next(self._groups), current, length))
+        if length == current:
+            return  # the common case, a decoded token already counted: nothing to rebuild
+        if length < current:
+            self._set(seq_id, _clip(spans, length))
+            return
+        last = spans[-1] if spans else None
+        if last is not None and self._holders[last.group] == 1:
+            spans[-1] = _Span(last.group, last.start, length)
+        else:
+            group = next(self._groups)
+            self._holders[group] = 1
+            spans.append(_Span(group, current, length))
         self._spans[seq_id] = spans
+
+    def swap(self, a: int, b: int) -> None:
+        """Two ids exchanged what they hold (either may hold nothing)."""
+        spans_a, spans_b = self._spans.pop(a, None), self._spans.pop(b, None)
+        if spans_a is not None:
+            self._spans[b] = spans_a
+        if spans_b is not None:
+            self._spans[a] = spans_b
 
     def drop(self, seq_id: int) -> None:
         """A sequence's cells were cleared; what it shared stays with the others."""
-        self._spans.pop(seq_id, None)
+        self._set(seq_id, [])
 
-    def _shared(self, group: int, owner: int) -> bool:
-        return any(span.group == group for seq_id, spans in self._spans.items() if seq_id != owner for span in spans)
+    def _set(self, seq_id: int, spans: list[_Span]) -> None:
+        for span in self._spans.pop(seq_id, []):
+            self._holders[span.group] -= 1
+            if not self._holders[span.group]:
+                del self._holders[span.group]
+        for span in spans:
+            self._holders[span.group] = self._holders.get(span.group, 0) + 1
+        if spans:
+            self._spans[seq_id] = spans
 
 
 def _clip(spans: list[_Span], length: int) -> list[_Span]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, NewType
 
 import llama_cpp
+import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from llamaq.protocol import ChatMessage, SamplingParams
@@ -110,6 +111,11 @@ class Engine:
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(config.n_batch, 0, 1)
         self._samplers: dict[SamplerHandle, Any] = {}
+        self._greedy: set[SamplerHandle] = set()
+        """Plain greedy handles: no chain, their tokens are the argmax of the logits (see sample_all)."""
+        self._n_outputs = 0
+        self._output_row: dict[int, int] = {}
+        """Row of the last decode's logits for each sampled batch index."""
         self._next_sampler = 0
         self._piece_buffer = ctypes.create_string_buffer(256)
         self.n_seq_max = llama_cpp.llama_n_seq_max(self._ctx)
@@ -120,6 +126,8 @@ class Engine:
         self.model_name = config.model_path.stem
         self.tokens_decoded = 0
         """Tokens fed to llama_decode since the context was created: the work actually done."""
+        self.decodes = 0
+        """Successful llama_decode calls since the context was created."""
         self._formatter = self._chat_formatter()
 
     @staticmethod
@@ -219,9 +227,14 @@ class Engine:
 
     def new_sampler(self, params: SamplingParams, seed: int) -> SamplerHandle:
         """A sampler chain for one sequence, in llama-server's order; greedy when temperature is 0."""
+        handle = SamplerHandle(self._next_sampler)
+        self._next_sampler += 1
+        if params.greedy and not _penalized(params):
+            self._greedy.add(handle)
+            return handle
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = llama_cpp.llama_sampler_chain_add
-        if params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
+        if _penalized(params):
             add(
                 chain,
                 llama_cpp.llama_sampler_init_penalties(
@@ -241,34 +254,59 @@ class Engine:
             add(chain, llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
             add(chain, llama_cpp.llama_sampler_init_temp(params.temperature))
             add(chain, llama_cpp.llama_sampler_init_dist(seed))
-        handle = SamplerHandle(self._next_sampler)
-        self._next_sampler += 1
         self._samplers[handle] = chain
         return handle
 
     def free_sampler(self, handle: SamplerHandle) -> None:
         """Release a sampler chain."""
+        self._greedy.discard(handle)
         chain = self._samplers.pop(handle, None)
         if chain is not None:
             llama_cpp.llama_sampler_free(chain)
 
     def sample(self, handle: SamplerHandle, batch_index: int) -> int:
         """Pick the next token from the logits at batch_index of the last decode (the chain records it)."""
-        token: int = llama_cpp.llama_sampler_sample(self._samplers[handle], self._ctx, batch_index)
-        return token
+        return self.sample_all([(handle, batch_index)])[0]
+
+    def sample_all(self, picks: SequenceOf[tuple[SamplerHandle, int]]) -> list[int]:
+        """The next token of each (sampler, batch index) of the last decode, in order.
+
+        Plain greedy picks are one argmax over the decode's logits for all of them: llama_sampler_sample builds
+        a candidate array of the whole vocabulary per call, which at 64 sequences costs more than a tenth of a
+        step. numpy's argmax returns the first maximum, as llama.cpp's greedy sampler does.
+        """
+        tokens = [0] * len(picks)
+        greedy = [(k, index) for k, (handle, index) in enumerate(picks) if handle in self._greedy]
+        if greedy:
+            # Logits are stored one row per output, in batch order (llama.h), and only sampled positions output.
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self._ctx), shape=(self._n_outputs, self.n_vocab))
+            rows = [self._output_row[index] for _, index in greedy]
+            for (k, _), token in zip(greedy, logits[rows].argmax(axis=1).tolist(), strict=True):
+                tokens[k] = token
+        for k, (handle, index) in enumerate(picks):
+            if handle not in self._greedy:
+                tokens[k] = llama_cpp.llama_sampler_sample(self._samplers[handle], self._ctx, index)
+        return tokens
 
     # --- decoding and memory ------------------------------------------------------------------------------
 
     def decode(self, slices: SequenceOf[BatchSlice]) -> list[int]:
-        """Decode all slices in one llama_decode; return each sampling slice's batch index, in slice order."""
+        """Decode all slices in one llama_decode; return each sampling slice's batch index, in slice order.
+
+        The batch is written in ascending sequence-id order whatever the order of `slices`: with per-sequence
+        KV streams llama.cpp cuts a batch into one micro-batch per run of consecutive ids in batch order
+        (`split_equal(..., sequential=true)` in llama-batch.cpp), and each micro-batch is a full pass over the
+        weights. docs/kv-layouts.md#batch-order has the measurements.
+        """
         n_tokens = sum(len(piece.tokens) for piece in slices)
         # Checked before filling: the batch's arrays hold n_batch tokens, and ctypes writes past them silently.
         if n_tokens > self.config.n_batch:
             raise ValueError(f"batch of {n_tokens} tokens exceeds n_batch {self.config.n_batch}")
         batch = self._batch
         i = 0
-        sample_indices = []
-        for piece in slices:
+        sample_index: dict[int, int] = {}
+        for position in sorted(range(len(slices)), key=lambda k: slices[k].seq_id):
+            piece = slices[position]
             self._check_seq_id(piece.seq_id)
             for offset, token in enumerate(piece.tokens):
                 batch.token[i] = token
@@ -279,13 +317,17 @@ class Engine:
                 i += 1
             if piece.sample:
                 batch.logits[i - 1] = 1
-                sample_indices.append(i - 1)
+                sample_index[position] = i - 1
         batch.n_tokens = i
+        self._n_outputs = 0
         status = llama_cpp.llama_decode(self._ctx, batch)
         if status != 0:
             raise DecodeError(status)
+        self._n_outputs = len(sample_index)
+        self._output_row = {index: row for row, index in enumerate(sorted(sample_index.values()))}
         self.tokens_decoded += n_tokens
-        return sample_indices
+        self.decodes += 1
+        return [sample_index[k] for k in sorted(sample_index)]
 
     def free_sequence(self, seq_id: int) -> None:
         """Drop every KV cell of a sequence; removing a whole sequence never fails."""
@@ -325,12 +367,42 @@ class Engine:
         """Replace a sequence's KV with a saved state; False when llama.cpp refused it (the sequence is empty)."""
         self._check_seq_id(seq_id)
         llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
-        buffer = (ctypes.c_uint8 * len(payload)).from_buffer_copy(payload)
+        array = ctypes.c_uint8 * len(payload)
+        # A bytearray is read in place; bytes are immutable, so ctypes needs a copy of them.
+        buffer = array.from_buffer(payload) if isinstance(payload, bytearray) else array.from_buffer_copy(payload)
         read = int(llama_cpp.llama_state_seq_set_data(self._ctx, buffer, len(payload), seq_id))
         if read != len(payload):
             llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
             return False
         return True
+
+    def move_sequence(self, source: int, target: int) -> bool:
+        """Move a sequence's KV to another id, whose own cells are dropped; False if llama.cpp refused it (then
+        both are empty).
+
+        Through the state API rather than `seq_cp`: a copy across per-sequence streams is only carried out at the
+        next decode, so the source stream could not be reused before it, and it moves the whole stream's buffer
+        where this moves only the cells in use.
+        """
+        if self.sequence_length(source) == 0:
+            self.free_sequence(target)
+            return True
+        state = self.sequence_state(source)
+        self.free_sequence(source)
+        return self.restore_sequence_state(target, state)
+
+    def swap_sequences(self, a: int, b: int) -> bool:
+        """Exchange the KV of two sequence ids; False if llama.cpp refused either (then both are empty)."""
+        if self.sequence_length(a) == 0:
+            return self.move_sequence(b, a)
+        if self.sequence_length(b) == 0:
+            return self.move_sequence(a, b)
+        state_a, state_b = self.sequence_state(a), self.sequence_state(b)
+        if self.restore_sequence_state(b, state_a) and self.restore_sequence_state(a, state_b):
+            return True
+        self.free_sequence(a)
+        self.free_sequence(b)
+        return False
 
     def next_token_logits(self, seq_id: int, tokens: SequenceOf[int]) -> bytes:
         """The float32 logits after `tokens`, which the sequence holds: its last position is decoded again.
@@ -370,6 +442,10 @@ class Engine:
             llama_cpp.llama_model_free(self._model)
             self._ctx = None
             self._model = None
+
+
+def _penalized(params: SamplingParams) -> bool:
+    return params.repeat_penalty != 1.0 or bool(params.frequency_penalty) or bool(params.presence_penalty)
 
 
 # ggml_log_level: 1 debug, 2 info, 3 warn, 4 error, 5 continues the previous line (kept at its level).

@@ -34,6 +34,7 @@ from llamaq.protocol import (
 from .conversations import next_history
 from .engine import BatchSlice, DecodeError, Engine
 from .heartbeat import WorkerLoad
+from .id_packing import Relocation, count_runs
 from .kv_cache import KvCache
 from .metrics import ERROR, WorkerMetrics
 from .resume import Resume
@@ -73,6 +74,8 @@ class StepStats:
     n_tokens: int
     decode_s: float
     step_s: float
+    id_runs: int = 1
+    """Runs of consecutive sequence ids in the batch (see id_packing)."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,8 @@ class EngineLoop:
         self._by_key: dict[str, Sequence] = {}
         self._stop: _Stop | None = None
         self.decode_retries = 0
+        self.relocations = 0
+        """Sequences moved to other ids to keep the running ones consecutive."""
         """Decodes retried after llama.cpp found no KV slot (each after evicting every idle sequence)."""
         self.metrics = metrics
         self._exported: dict[str, int] = {}
@@ -311,6 +316,7 @@ class EngineLoop:
             self.state.swap_out(step.evicted + step.displaced)
         for seq_id in step.cleared:
             self.engine.free_sequence(seq_id)
+        self._relocate(step.relocations)
         for sequence in step.admitted:
             self._reuse_cached_prefix(sequence)
         plan = step.chunks
@@ -343,7 +349,23 @@ class EngineLoop:
         for chunk, token in sampled:
             self._accept(chunk.sequence, token, out)
         n_tokens = sum(len(c.tokens) for c in plan)
-        return StepStats(len(plan), n_tokens, decode_s, time.perf_counter() - started)
+        runs = count_runs(piece.seq_id for piece in slices)
+        return StepStats(len(plan), n_tokens, decode_s, time.perf_counter() - started, runs)
+
+    def _relocate(self, relocations: list[Relocation]) -> None:
+        """Move the cells of sequences the scheduler put on other ids. A move llama.cpp refuses leaves both ids
+        empty: the running sequence is computed again from its tokens, the idle one it was swapped with is lost."""
+        moved = {s.seq_id: s for s in self.scheduler.running}
+        for relocation in relocations:
+            source, target = relocation.source, relocation.target
+            if relocation.swap:
+                done = self.engine.swap_sequences(source, target)
+            else:
+                done = self.engine.move_sequence(source, target)
+            self.relocations += 1
+            if not done:
+                log.error("llama.cpp refused to move sequence %d to %d; recomputing it", source, target)
+                self.scheduler.lost_kv(moved[target], idle_id=source if relocation.swap else None)
 
     def _running_tokens(self) -> dict[int, list[int]]:
         return {s.seq_id: s.computed_tokens() for s in self.scheduler.running if s.seq_id is not None}
@@ -395,13 +417,12 @@ class EngineLoop:
             return self.engine.decode(slices)
 
     def _sample(self, plan: list[Chunk], indices: list[int]) -> list[tuple[Chunk, int]]:
-        sampled = []
-        index = iter(indices)
-        for chunk in plan:
-            if self.scheduler.record_decoded(chunk):
-                assert chunk.sequence.sampler is not None
-                sampled.append((chunk, self.engine.sample(chunk.sequence.sampler, next(index))))
-        return sampled
+        wanted = [chunk for chunk in plan if self.scheduler.record_decoded(chunk)]
+        picks = []
+        for chunk, index in zip(wanted, indices, strict=True):
+            assert chunk.sequence.sampler is not None
+            picks.append((chunk.sequence.sampler, index))
+        return list(zip(wanted, self.engine.sample_all(picks), strict=True))
 
     def _accept(self, sequence: Sequence, token: int, out: list[Outgoing]) -> None:
         sequence.mark_token()
@@ -466,13 +487,14 @@ class EngineLoop:
         if metrics is None:
             return
         if stats is not None:
-            metrics.observe_step(stats.n_sequences, stats.n_tokens, stats.decode_s, stats.step_s)
+            metrics.observe_step(stats.n_sequences, stats.n_tokens, stats.decode_s, stats.step_s, stats.id_runs)
         metrics.set_kv(cells, self.engine.n_ctx, self.kv.n_used, cached)
         metrics.set_queue(len(running), len(self.scheduler.waiting))
         counts = {
             "evictions": self.kv.evictions,
             "preemptions": self.scheduler.preemptions,
             "decode_retries": self.decode_retries,
+            "relocations": self.relocations,
         }
         if self.state is not None:
             swap = self.state.swap
@@ -497,6 +519,8 @@ class EngineLoop:
         elif name == "check_failures":
             for _ in range(delta):
                 metrics.count_restore_check_failure()
+        elif name == "relocations":
+            metrics.count_relocations(delta)
         elif name == "decode_retries":
             for _ in range(delta):
                 metrics.count_decode_retry()

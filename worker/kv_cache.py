@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from itertools import count
 
 from .cell_ledger import CellLedger
+from .id_packing import Relocation, plan_packing
 
 MIN_COPY_TOKENS = 16
 """Shortest shared prefix worth copying from another sequence (a copy moves a whole KV stream)."""
@@ -79,8 +80,7 @@ class KvCache:
     """Idle sequences evicted to make room (least recently used, or all after a failed decode)."""
 
     def __post_init__(self) -> None:
-        # Lowest ids first, so a lightly loaded worker touches few streams.
-        self._free = list(range(self.n_seq_max - 1, -1, -1))
+        self._free = list(range(self.n_seq_max))
 
     @property
     def n_free(self) -> int:
@@ -129,6 +129,10 @@ class KvCache:
     def end_round(self) -> None:
         """The engine is about to carry out this round's admissions: the sources of their copies may go again."""
         self._copies.clear()
+
+    def copy_sources(self) -> set[int]:
+        """Ids whose KV an admission of this round is to copy."""
+        return set(self._copies.values())
 
     def is_copy_source(self, seq_id: int) -> bool:
         """True while an admission of this round is to copy this sequence's KV."""
@@ -195,6 +199,29 @@ class KvCache:
         fresh = self._fresh_id(keep=None)
         return None if fresh is None else self._run(fresh, 0)
 
+    def pack(self, pinned: set[int], max_cells: int | None = None) -> list[Relocation]:
+        """Move running sequences onto consecutive ids (per-sequence layout), idle ones they displace swapped into
+        the ids they leave; the caller moves the cells before the next decode. Pinned ids stay where they are.
+
+        The unified layout has one stream, which llama.cpp batches in any order: nothing to do there.
+        """
+        if self.n_cells is not None:
+            return []
+        running = {seq_id: self.ledger.length(seq_id) for seq_id in self._running}
+        idle = {seq_id: len(entry.tokens) for seq_id, entry in self._idle.items()}
+        plan = plan_packing(self.n_seq_max, running, idle, pinned, max_cells)
+        for relocation in plan:
+            source, target = relocation.source, relocation.target
+            self._running.remove(source)
+            self._running.add(target)
+            if relocation.swap:
+                self._idle[source] = self._idle.pop(target)
+            else:
+                self._free.remove(target)
+                self._free.append(source)
+            self.ledger.swap(source, target)
+        return plan
+
     def park(self, seq_id: int, tokens: SequenceOf[int], owner: str | None = None) -> bool:
         """A running sequence ended with `tokens` in its KV; keep it for reuse. False: clear it and free()."""
         self._check_running(seq_id)
@@ -203,6 +230,13 @@ class KvCache:
         self._running.discard(seq_id)
         self._idle[seq_id] = _Idle(list(tokens), next(self._clock), owner)
         return True
+
+    def drop_idle(self, seq_id: int) -> None:
+        """Forget an idle sequence whose cells are already gone."""
+        if self._idle.pop(seq_id, None) is not None:
+            self.evictions += 1
+            self.ledger.drop(seq_id)
+            self._free.append(seq_id)
 
     def evict_idle(self) -> list[int]:
         """Free every idle sequence (llama.cpp found no room); the caller clears their cells."""
@@ -288,10 +322,12 @@ class KvCache:
 
     def _fresh_id(self, keep: int | None) -> int | None:
         """A free id, else the least recently used idle one other than `keep` (evicted); None if there is none."""
-        if self._free:
-            return self._free.pop()
-        evicted = self.evict_lru(keep)
-        return None if evicted is None else self._free.pop()
+        if not self._free and self.evict_lru(keep) is None:
+            return None
+        # Next to running ids, so that a batch over them stays one micro-batch (see id_packing); lowest first.
+        best = max(self._free, key=lambda i: ((i - 1 in self._running) + (i + 1 in self._running), -i))
+        self._free.remove(best)
+        return best
 
     def _run(self, seq_id: int, n_cached: int, copy_from: int | None = None) -> Allocation:
         self._running.add(seq_id)

@@ -74,8 +74,10 @@ class WorkerMetrics:
 
     # --- what the worker calls ----------------------------------------------------------------------------
 
-    def observe_step(self, n_sequences: int, n_tokens: int, decode_s: float, step_s: float) -> None:
-        """Record one decode step: sequences and tokens in the batch, llama_decode time, whole step time."""
+    def observe_step(self, n_sequences: int, n_tokens: int, decode_s: float, step_s: float, id_runs: int = 1) -> None:
+        """Record one decode step: sequences and tokens in the batch, llama_decode time, whole step time, and runs
+        of consecutive sequence ids in the batch (each a pass over the weights in the per-sequence layout)."""
+        self.batch_id_runs.observe(id_runs)
         self.batch_sequences.observe(n_sequences)
         self.batch_tokens.observe(n_tokens)
         self.decode_step_seconds.observe(decode_s)
@@ -168,6 +170,10 @@ class WorkerMetrics:
         """Count a state file refused before or while loading, by reason (a state_file.RefusalReason value)."""
         self.restore_refused.labels(model=self.model, reason=reason).inc()
 
+    def count_relocations(self, n: int = 1) -> None:
+        """Count running sequences moved to other ids to keep the batch in one run of ids."""
+        self.relocations.inc(n)
+
     def count_decode_retry(self) -> None:
         """Count a decode retried after llama.cpp found no KV slot."""
         self.decode_retries.inc()
@@ -258,6 +264,10 @@ class WorkerMetrics:
             ["model", "reason"],
             registry=self.registry,
         )
+        self.relocations = self._counter(
+            "llamaq_sequence_relocations",
+            "Running sequences whose KV was moved to another sequence id, so the running ids stay consecutive.",
+        )
         self.decode_retries = self._counter(
             "llamaq_decode_retries", "Decodes retried after llama.cpp found no KV slot and idle sequences were evicted."
         )
@@ -291,6 +301,11 @@ class WorkerMetrics:
             "llamaq_batch_tokens",
             "Tokens in one decode step (one per decoding sequence plus prefill chunks).",
             _BATCH_TOKEN_BUCKETS,
+        )
+        self.batch_id_runs = self._histogram(
+            "llamaq_batch_id_runs",
+            "Runs of consecutive sequence ids in one decode step (llama.cpp micro-batches, per-sequence layout).",
+            _BATCH_SEQUENCE_BUCKETS,
         )
         self.decode_step_seconds = self._histogram(
             "llamaq_decode_step_seconds", "Duration of llama_decode for one step.", seconds

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import count
 
+from .id_packing import Relocation
 from .kv_cache import MIN_COPY_TOKENS, Allocation, Evicted, KvCache, common_prefix_length
 from .sequence import Sequence, Status
 
@@ -20,12 +21,15 @@ from .sequence import Sequence, Status
 @dataclass(frozen=True)
 class StepPlan:
     """What the next step does, in the order the engine must do it: clear the cells of `cleared` ids (evicted
-    idle sequences, preempted running ones), give each admitted sequence its cached prefix (its cells from
-    `n_computed` on removed, since an admitted id may hold another prompt's tail), decode the chunks."""
+    idle sequences, preempted running ones), carry out the relocations, give each admitted sequence its cached
+    prefix (its cells from `n_computed` on removed, since an admitted id may hold another prompt's tail), decode
+    the chunks. Relocations never touch an admitted sequence or the source of its copy, so the last two commute."""
 
     cleared: list[int]
     admitted: list[Sequence]
     chunks: list[Chunk]
+    relocations: list[Relocation] = field(default_factory=list)
+    """Running sequences moved onto consecutive ids; their Sequence.seq_id is already the target."""
     evicted: list[Evicted] = field(default_factory=list)
     """Idle sequences among `cleared`, with the tokens their cells hold until cleared (to swap out first)."""
     displaced: list[Evicted] = field(default_factory=list)
@@ -100,10 +104,28 @@ class Scheduler:
                 self._preempt(victim)
             chunks = self._plan()
             room = self.kv.room()
+        relocations = self._pack(admitted)
         # Every id evicted here, during admission too, must be cleared, even when no admission followed.
         evicted = self.kv.take_evicted()
         self.kv.end_round()
-        return StepPlan([e.seq_id for e in evicted] + cleared, admitted, chunks, evicted, self.kv.take_displaced())
+        cleared = [e.seq_id for e in evicted] + cleared
+        return StepPlan(cleared, admitted, chunks, relocations, evicted, self.kv.take_displaced())
+
+    def _pack(self, admitted: list[Sequence]) -> list[Relocation]:
+        """Move running sequences onto consecutive ids (see id_packing), at most about one window of cells a step.
+
+        Pinned: this round's admissions and the sources of their copies (carried out after the relocations, by
+        id), idle sequences a waiting request's state was just restored into, and sequences about to end.
+        """
+        pinned = {s.seq_id for s in admitted if s.seq_id is not None} | self.kv.copy_sources()
+        pinned |= {s.restored_into for s in self.waiting if s.restored_into is not None}
+        pinned |= {s.seq_id for s in self.running if s.seq_id is not None and s.max_tokens - len(s.generated) <= 2}
+        relocations = self.kv.pack(pinned, max_cells=self.kv.window)
+        if relocations:
+            by_id = {s.seq_id: s for s in self.running}
+            for relocation in relocations:
+                by_id[relocation.source].seq_id = relocation.target
+        return relocations
 
     def _plan(self) -> list[Chunk]:
         budget = self.token_budget
@@ -130,6 +152,16 @@ class Scheduler:
         self.preemptions += 1
         sequence.status = Status.WAITING
         self.waiting.appendleft(sequence)
+
+    def lost_kv(self, sequence: Sequence, idle_id: int | None = None) -> None:
+        """A running sequence's cells are gone (a failed move): it computes its tokens again in place. `idle_id`
+        names an idle sequence lost with it."""
+        assert sequence.seq_id is not None
+        sequence.n_computed = 0
+        sequence.copy_from = None
+        self.kv.resize(sequence.seq_id, 0)
+        if idle_id is not None:
+            self.kv.drop_idle(idle_id)
 
     def record_decoded(self, chunk: Chunk) -> bool:
         """Account for a decoded chunk; True when its last token's logits are to be sampled."""
