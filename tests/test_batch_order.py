@@ -159,3 +159,45 @@ class Served:
 def _completion(request_id: str, prompt: str, max_tokens: int) -> Request:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     return Request(f"{request_id:0<8}", "client00", RequestKind.COMPLETION, prompt=prompt, params=params)
+
+
+def test_a_refused_move_sends_the_sequence_back_to_be_computed_again(model_path: Path) -> None:
+    """If llama.cpp refused to load a moved sequence's cells (both ids are then empty), the sequence is preempted
+    and recomputed: its answer is the same as when nothing went wrong, and no cell is left behind."""
+    with engine_counting_micro_batches(model_path, n_seq_max=8) as (engine, micro_batches):
+        refused: list[tuple[int, int]] = []
+        moves = {"move_sequence": engine.move_sequence, "swap_sequences": engine.swap_sequences}
+
+        def refuse_first(name: str):  # type: ignore[no-untyped-def]
+            def move(a: int, b: int) -> bool:
+                if refused:
+                    return moves[name](a, b)
+                refused.append((a, b))
+                engine.free_sequence(a)
+                engine.free_sequence(b)
+                return False
+
+            return move
+
+        for name in moves:
+            setattr(engine, name, refuse_first(name))
+        served = Served(engine, micro_batches)
+        first_round = [_completion(f"warm{i}", SHORT_PROMPTS[i % 7] + " " * (i // 7), 1) for i in range(8)]
+        served.run(first_round)
+        second_round = [_completion(f"next{i}", first_round[i].prompt + " and", MAX_TOKENS) for i in (1, 3, 6)]
+        served.run(second_round)
+        assert refused, "no move was attempted"
+        assert served.loop.scheduler.preemptions == 1
+        held = {seq_id: engine.sequence_length(seq_id) for seq_id in range(8)}
+        assert held == dict(_expected_cells(served)), "llama.cpp holds cells the KV manager does not know of"
+        texts = [served.text(request) for request in second_round]
+    if not llama_cpp.llama_supports_gpu_offload():
+        prompts = [str(r.prompt) for r in second_round]
+        assert texts == solo_llama_texts(model_path, prompts, llama_cpp.GGML_TYPE_Q8_0)
+
+
+def _expected_cells(served: Served) -> list[tuple[int, int]]:
+    """What the KV manager says each id holds once nothing runs."""
+    expected = dict.fromkeys(range(served.loop.engine.n_seq_max), 0)
+    expected.update(served.loop.kv.cells_held())
+    return sorted(expected.items())

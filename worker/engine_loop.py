@@ -319,7 +319,8 @@ class EngineLoop:
         self._relocate(step.relocations)
         for sequence in step.admitted:
             self._reuse_cached_prefix(sequence)
-        plan = step.chunks
+        # A sequence whose cells were lost on the way (a refused move) went back to the queue: not decoded now.
+        plan = [chunk for chunk in step.chunks if chunk.sequence.seq_id is not None]
         if not plan:
             return None
         started = time.perf_counter()
@@ -354,7 +355,7 @@ class EngineLoop:
 
     def _relocate(self, relocations: list[Relocation]) -> None:
         """Move the cells of sequences the scheduler put on other ids. A move llama.cpp refuses leaves both ids
-        empty: the running sequence is computed again from its tokens, the idle one it was swapped with is lost."""
+        empty: the running sequence is preempted (computed again later), the idle one it was swapped with is lost."""
         moved = {s.seq_id: s for s in self.scheduler.running}
         for relocation in relocations:
             source, target = relocation.source, relocation.target

@@ -154,14 +154,12 @@ class Scheduler:
         self.waiting.appendleft(sequence)
 
     def lost_kv(self, sequence: Sequence, idle_id: int | None = None) -> None:
-        """A running sequence's cells are gone (a failed move): it computes its tokens again in place. `idle_id`
-        names an idle sequence lost with it."""
-        assert sequence.seq_id is not None
-        sequence.n_computed = 0
-        sequence.copy_from = None
-        self.kv.resize(sequence.seq_id, 0)
+        """A running sequence's cells are gone (a failed move): it goes back to the queue to be computed again, as
+        a preempted one does; its chunk of this step must not be decoded. `idle_id` names an idle sequence whose
+        cells went with it."""
         if idle_id is not None:
             self.kv.drop_idle(idle_id)
+        self._preempt(sequence)
 
     def record_decoded(self, chunk: Chunk) -> bool:
         """Account for a decoded chunk; True when its last token's logits are to be sampled."""
