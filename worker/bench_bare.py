@@ -72,8 +72,9 @@ class BareLoop:
     def __enter__(self) -> BareLoop:
         llama_cpp.llama_backend_init()
         install_log_handler()  # llama.cpp's narration to Python logging, as the engine has it
-        path = str(self.settings.model).encode()
-        self._model = llama_cpp.llama_model_load_from_file(path, llama_cpp.llama_model_default_params())
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = 0  # as the engine's default: everything on the CPU
+        self._model = llama_cpp.llama_model_load_from_file(str(self.settings.model).encode(), model_params)
         if not self._model:
             raise RuntimeError(f"could not load {self.settings.model}")
         self._ctx = llama_cpp.llama_init_from_model(self._model, _context_params(self.settings))
