@@ -39,7 +39,8 @@ class Plan:
     shared_chats: int = 16
     shared_system_repeats: int = 16
     shared_tokens: int = 16
-    overhead_sequences: int = 16
+    overhead_sizes: tuple[int, ...] = (16, 64)
+    """Sequences decoding at once in the overhead section (issue 18 asks for the per-step work at 64)."""
     overhead_tokens: int = 128
     pressure_requests: int = 256
     pressure_processes: int = 8
@@ -69,7 +70,7 @@ QUICK = {
     "shared_chats": 4,
     "shared_system_repeats": 4,
     "shared_tokens": 4,
-    "overhead_sequences": 4,
+    "overhead_sizes": (4,),
     "overhead_tokens": 16,
     "pressure_requests": 32,
     "pressure_processes": 4,

@@ -27,6 +27,7 @@ def steps_of(section: str, plan: Plan, systems: list[str]) -> int:
         "round_trips": len(plan.round_trip_clients),
         "turns": 2,
         "shared_prefix": 4,
+        "overhead": len(plan.overhead_sizes),
     }
     return counts.get(section, 1)
 
@@ -108,8 +109,11 @@ def _run_shared_prefix(ctx: Context, results: dict[str, Any]) -> dict[str, Any]:
 def _run_overhead(ctx: Context, results: dict[str, Any]) -> dict[str, Any]:
     from .bench_overhead import measure_overhead
 
-    ctx.progress.step(f"overhead: {ctx.plan.overhead_sequences} sequences decoding")
-    return measure_overhead(ctx.model, ctx.args.threads, ctx.plan.overhead_sequences, ctx.plan.overhead_tokens)
+    rows = {}
+    for n in ctx.plan.overhead_sizes:
+        ctx.progress.step(f"overhead: {n} sequences decoding")
+        rows[str(n)] = measure_overhead(ctx.model, ctx.args.threads, n, ctx.plan.overhead_tokens)
+    return {"sizes": list(ctx.plan.overhead_sizes), "rows": rows}
 
 
 def _run_pressure(ctx: Context, results: dict[str, Any]) -> dict[str, Any]:

@@ -147,24 +147,28 @@ def _shared_prefix(data: dict[str, Any]) -> list[str]:
 
 
 def _overhead(data: dict[str, Any]) -> list[str]:
-    if "error" in data:
-        return ["## Scheduler overhead", "", f"Not measured: {data['error']}"]
-    return [
+    rows = {n: r for n, r in data["rows"].items() if "error" not in r}
+    lines = [
         "## Scheduler overhead",
         "",
-        f"In-process engine, {data['sequences']} sequences decoding, {data['iterations']} iterations that decoded "
-        "one token of every sequence. An iteration runs from one emit callback to the next (commands, scheduling, "
-        "batch, llama_decode, sampling, events); overhead = the share outside llama_decode.",
+        "In-process engine, n sequences decoding story continuations, iterations that decoded one token of every "
+        "sequence. An iteration runs from one emit callback to the next (commands, scheduling, batch, llama_decode, "
+        "sampling, events); overhead = the share outside llama_decode. Per iteration, ms:",
         "",
-        "| per iteration | ms |",
-        "|---|---|",
-        f"| whole iteration | {data['iteration_ms']:.2f} |",
-        f"| inside llama_decode | {data['llama_decode_ms']:.2f} |",
-        f"| filling the batch | {data['batch_fill_ms']:.2f} |",
-        f"| sampling and events | {data['sampling_and_events_ms']:.2f} |",
-        f"| rest of the loop (commands, schedule, emit) | {data['loop_rest_ms']:.2f} |",
-        f"| **overhead share** | **{data['overhead_share'] * 100:.1f}%** |",
+        "| sequences | iterations | whole iteration | inside llama_decode | filling the batch | sampling and events "
+        "| rest of the loop (commands, schedule, emit) | overhead share |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    for n, r in rows.items():
+        lines.append(
+            f"| {n} | {r['iterations']} | {r['iteration_ms']:.2f} | {r['llama_decode_ms']:.2f} | "
+            f"{r['batch_fill_ms']:.2f} | {r['sampling_and_events_ms']:.2f} | {r['loop_rest_ms']:.2f} | "
+            f"**{r['overhead_share'] * 100:.1f}%** |"
+        )
+    for n, r in data["rows"].items():
+        if "error" in r:
+            lines.append(f"\n{n} sequences: not measured ({r['error']})")
+    return lines
 
 
 def _pressure(data: dict[str, Any]) -> list[str]:
