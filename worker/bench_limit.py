@@ -16,7 +16,6 @@ from __future__ import annotations
 import random
 import secrets
 import statistics
-import threading
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -28,6 +27,7 @@ from .bench_batch_order import order_summary, recorded_batch_order
 from .bench_engine import EngineDriver, MakeRequest
 from .bench_overhead import STORY
 from .bench_systems import CELLS_PER_SEQUENCE, N_BATCH
+from .bench_thread import on_own_thread
 from .engine import Engine, EngineConfig
 
 BARE = "bare loop"
@@ -81,28 +81,14 @@ def _run(system: str, settings: BareSettings, n: int, max_tokens: int, seed: int
 
 
 def run_bare(settings: BareSettings, prompts: list[str], max_tokens: int) -> dict[str, Any]:
-    """The bare loop on a thread of its own, as the engine's loop runs.
+    """The bare loop, on a thread of its own as the engine's loop runs (bench_thread says why)."""
 
-    Measured here on a loaded machine: with 2 llama.cpp threads, llama_decode called from the process's main
-    thread took 3 to 8 times as long as the same call from another thread (with 1 thread, no difference).
-    """
-    outcome: list[Any] = []
+    def body() -> dict[str, Any]:
+        with BareLoop(settings) as loop, recorded_batch_order() as calls:
+            summary: dict[str, Any] = loop.generate(prompts, max_tokens).summary()
+        return {**summary, "batch_order": order_summary(calls, len(prompts))}
 
-    def body() -> None:
-        try:
-            with BareLoop(settings) as loop, recorded_batch_order() as calls:
-                summary: dict[str, Any] = loop.generate(prompts, max_tokens).summary()
-            outcome.append({**summary, "batch_order": order_summary(calls, len(prompts))})
-        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread, raised there
-            outcome.append(exc)
-
-    thread = threading.Thread(target=body, name="bare-loop")
-    thread.start()
-    thread.join()
-    if isinstance(outcome[0], BaseException):
-        raise outcome[0]
-    result: dict[str, Any] = outcome[0]
-    return result
+    return on_own_thread(body, "bare-loop")
 
 
 def run_engine(

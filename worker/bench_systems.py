@@ -24,6 +24,7 @@ from .bench_engine import EngineDriver, chat_request
 from .bench_http import llama_server
 from .bench_load import Trace, chat_messages, request_index
 from .bench_process import dying_with_parent
+from .bench_thread import on_own_thread
 from .engine import Engine, EngineConfig
 from .process_log import wait_for_line
 from .service import READY_LINE
@@ -188,7 +189,12 @@ def run_llama_serial(llama: Any, prompts: dict[int, list[int]], load: Load) -> M
 
     Every user sends its first request at the start and its next one when the previous answer ends, as against
     the other systems; time to first token counts the wait in that queue, so it is honest for a serial server.
+    Runs on a thread of its own, as the engine does (bench_thread says why).
     """
+    return on_own_thread(lambda: _serve_serially(llama, prompts, load), "llama-serial")
+
+
+def _serve_serially(llama: Any, prompts: dict[int, list[int]], load: Load) -> Measured:
     _llama_request(llama, prompts[0], 4, Trace(-1, time.monotonic()))
     started = time.monotonic()
     queue: deque[tuple[int, int, float]] = deque((user, 0, started) for user in range(load.clients))
