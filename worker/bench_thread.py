@@ -1,9 +1,10 @@
 """Run a measurement on a thread of its own, as llamaq's engine loop runs llama.cpp.
 
-Measured on this kind of machine while it was loaded, with 2 llama.cpp threads: llama_decode called from the
-process's main thread took 3 to 8 times as long as the same call from another thread (with 1 thread, no
-difference). So every system that calls llama.cpp in the benchmark's own process (the bare loop, `Llama` one at
-a time, the engine) calls it from a thread other than the main one.
+Every system that calls llama.cpp in the benchmark's own process (the bare loop, `Llama` one at a time, the
+engine) calls it from a thread other than the main one, so none differs from the others in that. Seen once on
+this kind of machine under heavy load (load average about 9 on 2 cores), 2 llama.cpp threads: the bare loop's
+decode step at 4 sequences took median 311 ms from the main thread and 96 ms from another thread, alternated 6
+times (1 thread: 118 and 127 ms); at load 7 a repeat showed no difference (97 against 81 to 88 ms). Unexplained.
 """
 
 from __future__ import annotations
