@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llamaq.worker.bench_batch_order import inversion_share, order_summary
+from llamaq.worker.bench_batch_order import id_runs, inversion_share, order_summary
 from llamaq.worker.bench_load import Trace
 from llamaq.worker.bench_requests import load_requests, poisson_arrivals
 from llamaq.worker.bench_serve_metrics import keep_up, saturation, saturation_rate, serving_metrics
@@ -56,9 +56,11 @@ def test_keep_up_tells_a_system_that_falls_behind() -> None:
 def test_batch_order_summary_counts_ascending_steps() -> None:
     assert inversion_share((0, 1, 2, 3)) == 0.0
     assert inversion_share((3, 2, 1, 0)) == 1.0
+    assert (id_runs((0, 1, 2)), id_runs((0, 2, 3)), id_runs((2, 1, 0)), id_runs((4,))) == (1, 2, 3, 1)
     calls = [(9, (0, 1, 2)), (3, (2, 0, 1)), (3, (2, 0, 1)), (3, (0, 1, 2)), (2, (0, 1))]
     summary = order_summary(calls, 3)
     assert summary["decode_steps"] == 3 and summary["decode_steps_ascending"] == 1
+    assert summary["decode_steps_one_run"] == 1 and summary["decode_id_runs_mean"] == pytest.approx(5 / 3, abs=0.01)
     assert summary["decode_orders"][0] == {"ids": [2, 0, 1], "steps": 2}
     assert summary["other_steps"] == 2 and summary["ids_used"] == [0, 1, 2]
 
@@ -107,7 +109,7 @@ def test_quick_engine_limit_open_loop_and_round_trips(redis_url: str, tmp_path: 
     for row in limit.values():
         bare = row["bare loop"]
         assert bare["batch_order"]["decode_steps"] == bare["decode_steps"] > 0
-        assert bare["batch_order"]["decode_steps_ascending"] == bare["decode_steps"]  # ids 0..n-1 in order
+        assert bare["batch_order"]["decode_steps_one_run"] == bare["decode_steps"]  # ids 0..n-1 in order
         for system in ("engine, prefix cache on", "engine, prefix cache off"):
             # Same greedy tokens, so the same lengths, where batched output equals solo (per-sequence layout).
             if row["layout"] == "per-sequence":

@@ -1,7 +1,8 @@
 """The order of sequence ids in the batches that reach llama_decode, as llama.cpp receives them.
 
-With per-sequence KV streams llama_decode is much slower when a batch does not list its sequences in ascending id
-order (ANCHORS.md, issue 18), so the engine-limit section records what each decode got: it wraps
+With per-sequence KV streams llama.cpp cuts a batch into one micro-batch per run of consecutive sequence ids in
+batch order, each a full pass over the weights (issue 18; docs/kv-layouts.md), so a decode step is fastest when
+its ids are ascending and consecutive. The engine-limit section records what each decode got: it wraps
 `llama_cpp.llama_decode` (the engine and the bare loop look it up per call) and reads the batch's seq_id array.
 """
 
@@ -49,6 +50,8 @@ def order_summary(calls: list[BatchOrder], n_sequences: int) -> dict[str, Any]:
         "decode_steps": len(full),
         "decode_steps_ascending": sum(_ascending(ids) for ids in full),
         "decode_inversion_share": round(sum(inversion_share(ids) for ids in full) / len(full), 3) if full else None,
+        "decode_steps_one_run": sum(id_runs(ids) == 1 for ids in full),
+        "decode_id_runs_mean": round(sum(id_runs(ids) for ids in full) / len(full), 2) if full else None,
         "other_steps": len(other),
         "other_steps_ascending": sum(_ascending(ids) for ids in other),
         "ids_used": sorted({i for _n, ids in calls for i in ids}),
@@ -62,6 +65,11 @@ def inversion_share(ids: tuple[int, ...]) -> float:
     if not pairs:
         return 0.0
     return sum(a > b for a, b in combinations(ids, 2)) / pairs
+
+
+def id_runs(ids: tuple[int, ...]) -> int:
+    """Runs of consecutive ascending ids in batch order: (0, 1, 2) is one, (0, 2, 3) two, (2, 1, 0) three."""
+    return sum(1 for i, seq_id in enumerate(ids) if i == 0 or seq_id != ids[i - 1] + 1)
 
 
 def _ascending(ids: tuple[int, ...]) -> bool:

@@ -46,7 +46,8 @@ def engine_limit_table(data: dict[str, Any]) -> list[str]:
         f"each, n_batch {data['n_batch']}), same story prompts, up to {data['max_tokens']} tokens each; median of "
         f"{data['rounds']} round(s), systems alternated. Ids scattered for the engine: {data['scatter']}. "
         "Decode = tokens/s over steps that decoded every sequence; e2e = generated tokens / (first prompt to last "
-        "token). The id order is what reached llama_decode in the engine's full decode steps.",
+        "token). The id order is what reached llama_decode in the full decode steps; id runs = runs of consecutive "
+        "ids, one llama.cpp micro-batch each in the per-sequence layout.",
         "",
     ]
     rows = []
@@ -56,6 +57,7 @@ def engine_limit_table(data: dict[str, Any]) -> list[str]:
             order = r.get("batch_order", {})
             ids = (order.get("decode_orders") or [{}])[0].get("ids", [])
             r["ascending"] = f"{order.get('decode_steps_ascending', '-')}/{order.get('decode_steps', '-')}"
+            r["runs"] = order.get("decode_id_runs_mean")
             r["ids"] = ",".join(str(i) for i in ids[:16]) + (",..." if len(ids) > 16 else "")
             rows.append(([row["layout"], str(row["sequences"]), system], r))
     columns = [
@@ -66,6 +68,7 @@ def engine_limit_table(data: dict[str, Any]) -> list[str]:
         ("decode vs bare", "decode_tokens_per_s_vs_bare", 3),
         ("e2e vs bare", "e2e_tokens_per_s_vs_bare", 3),
         ("ascending decode steps", "ascending", 0),
+        ("id runs per decode step", "runs", 2),
         ("ids of the commonest decode order", "ids", 0),
     ]
     return lines + _table(["layout", "sequences", "system"], columns, rows)
