@@ -598,7 +598,7 @@ def test_k8s_prometheus_config_scrapes_the_worker_pods_as_job_llamaq_worker() ->
         assert keep[("__meta_kubernetes_pod_label_app_kubernetes_io_name",)] == labels["app.kubernetes.io/name"]
         metrics_port = {port["name"]: port["containerPort"] for port in container["ports"]}
         assert metrics_port[keep[("__meta_kubernetes_pod_container_port_name",)]] == DEFAULT_PORT
-    assert "alerts.yml" in config["rule_files"]
+    assert config["rule_files"] == yaml.safe_load((DEPLOY / "prometheus.yml").read_text())["rule_files"]
 
 
 def test_compose_wires_valkey_prometheus_and_grafana_to_the_workers() -> None:
