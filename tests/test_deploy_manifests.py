@@ -28,9 +28,11 @@ from llamaq.client.gateway_auth import ApiKeys
 from llamaq.client.gateway_metrics import GatewayMetrics
 from llamaq.client.gateway_routes import Gateway
 from llamaq.protocol import Keys
+from llamaq.worker import model_files
 from llamaq.worker.cli import _parser
 from llamaq.worker.health_server import DEFAULT_PORT, HealthServer
 from llamaq.worker.metrics import WorkerMetrics
+from llamaq.worker.model_files import DEFAULT_MODEL_FILE
 from llamaq.worker.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +42,7 @@ DOCKERFILES = (DEPLOY / "Dockerfile", DEPLOY / "Dockerfile.cuda")
 COMPOSE = DEPLOY / "compose.yaml"
 SYSTEMD_UNIT = DEPLOY / "llamaq-worker.service"
 STATE_DIR = "/var/lib/llamaq/state"
+MODELS_DIR = "/models"
 WORKER_IMAGE = "llamaq"
 LIVENESS_PATH = "/healthz"
 READINESS_PATH = "/readyz"
@@ -753,6 +756,72 @@ def test_gateway_stop_timeouts_exceed_its_shutdown_grace() -> None:
             "terminationGracePeriodSeconds"
         ]
     assert grace and {where: s for where, s in grace.items() if s <= GATEWAY_SHUTDOWN_S} == {}
+
+
+# --- the model volume (compose) ------------------------------------------------------------------------------
+
+
+def model_seed() -> dict[str, Any]:
+    """The compose service that fills the model volume before the workers start."""
+    services: dict[str, dict[str, Any]] = compose()["services"]
+    (name,) = {dep for worker in compose_workers().values() for dep in worker["depends_on"] if dep != "valkey"}
+    assert all(
+        w["depends_on"][name]["condition"] == "service_completed_successfully" for w in compose_workers().values()
+    )
+    return services[name]
+
+
+def test_compose_workers_load_their_model_from_the_model_volume(monkeypatch: pytest.MonkeyPatch) -> None:
+    seed = model_seed()
+    models = {parsed(command_of(s), monkeypatch).model for s in compose_workers().values()}
+    # Without LLAMAQ_MODEL_FILE the workers serve the image's default model, from the volume.
+    assert models == {Path(MODELS_DIR) / DEFAULT_MODEL_FILE}
+    assert Path(seed["environment"]["MODEL_PATH"]) in models
+    volumes = {compose_mounts(s)[MODELS_DIR] for s in compose_workers().values()}
+    # One volume for all workers, read-only there; the seed writes it.
+    assert len(volumes) == 1 and volumes.pop()[1] == "ro"
+    (volume, _) = compose_mounts(next(iter(compose_workers().values())))[MODELS_DIR]
+    assert compose_mounts(seed)[MODELS_DIR] == (volume, "rw")
+    assert volume in compose()["volumes"]
+    assert seed["entrypoint"] == ["python", "-c"] and len(command_of(seed)) == 1
+    # A fresh named volume takes the ownership of the image's folder: the image's user must own it to fill it.
+    for path in DOCKERFILES:
+        made = [i.arguments for i in final_stage(path) if i.keyword == "RUN" and "useradd" in i.arguments]
+        assert made and re.search(rf"mkdir -p [^&]*{MODELS_DIR}\b", made[0]), path.name
+        assert re.search(rf"chown -R llamaq:llamaq [^&]*{MODELS_DIR}\b", made[0]), path.name
+
+
+def run_model_seed(model_path: Path, monkeypatch: pytest.MonkeyPatch) -> str | None:
+    """Run the seed's script in this process on model_path; what it exits with (None: success)."""
+    monkeypatch.setenv("MODEL_PATH", str(model_path))
+    try:
+        exec(compile(command_of(model_seed())[0], "compose models", "exec"), {"__name__": "__main__"})
+    except SystemExit as stopped:
+        return str(stopped.code)
+    return None
+
+
+def test_compose_model_seed_fills_the_volume_once_and_names_a_missing_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The image's default model, stood in for by a small file (the real one is 100 MB).
+    shipped = tmp_path / "shipped.gguf"
+    shipped.write_bytes(b"GGUF default model")
+    monkeypatch.setattr(model_files, "default_model_path", lambda: shipped)
+    volume = tmp_path / "models"
+    volume.mkdir()
+    assert run_model_seed(volume / DEFAULT_MODEL_FILE, monkeypatch) is None
+    assert (volume / DEFAULT_MODEL_FILE).read_bytes() == shipped.read_bytes()
+    assert [path.name for path in volume.iterdir()] == [DEFAULT_MODEL_FILE]
+    # Present: left as it is (an operator's own file under that name too).
+    (volume / DEFAULT_MODEL_FILE).write_bytes(b"GGUF the operator's")
+    assert run_model_seed(volume / DEFAULT_MODEL_FILE, monkeypatch) is None
+    assert (volume / DEFAULT_MODEL_FILE).read_bytes() == b"GGUF the operator's"
+    (volume / "mine.gguf").write_bytes(b"GGUF mine")
+    assert run_model_seed(volume / "mine.gguf", monkeypatch) is None
+    # Named but missing: the workers would fail to load it, so nothing starts and the message says why.
+    failure = run_model_seed(volume / "missing.gguf", monkeypatch)
+    assert failure is not None and str(volume / "missing.gguf") in failure and "README" in failure
 
 
 # --- autoscaling, disruption budgets, service monitors (k8s) ---------------------------------------------------
