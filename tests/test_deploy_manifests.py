@@ -6,6 +6,8 @@ Fast: files are only parsed. No Docker, no cluster, no network, no model.
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import re
 import shlex
@@ -25,9 +27,12 @@ from llamaq.client.gateway import SHUTDOWN_TIMEOUT_S as GATEWAY_SHUTDOWN_S
 from llamaq.client.gateway_auth import ApiKeys
 from llamaq.client.gateway_metrics import GatewayMetrics
 from llamaq.client.gateway_routes import Gateway
+from llamaq.protocol import Keys
+from llamaq.worker import model_files
 from llamaq.worker.cli import _parser
 from llamaq.worker.health_server import DEFAULT_PORT, HealthServer
 from llamaq.worker.metrics import WorkerMetrics
+from llamaq.worker.model_files import DEFAULT_MODEL_FILE
 from llamaq.worker.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +42,7 @@ DOCKERFILES = (DEPLOY / "Dockerfile", DEPLOY / "Dockerfile.cuda")
 COMPOSE = DEPLOY / "compose.yaml"
 SYSTEMD_UNIT = DEPLOY / "llamaq-worker.service"
 STATE_DIR = "/var/lib/llamaq/state"
+MODELS_DIR = "/models"
 WORKER_IMAGE = "llamaq"
 LIVENESS_PATH = "/healthz"
 READINESS_PATH = "/readyz"
@@ -63,7 +69,13 @@ def yaml_files() -> list[Path]:
 
 
 def load_documents(path: Path) -> list[Any]:
-    """All documents of a (possibly multi-document) YAML file, empty ones dropped."""
+    """All documents of a (possibly multi-document) YAML file, empty ones dropped (a copy: callers may change it)."""
+    return copy.deepcopy(_parsed_documents(path))
+
+
+@functools.cache
+def _parsed_documents(path: Path) -> list[Any]:
+    # Parsed once per run: the tests read the same manifests dozens of times.
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
 
 
@@ -80,7 +92,7 @@ def interpolate(value: Any) -> Any:
 
 def compose() -> dict[str, Any]:
     """deploy/compose.yaml, interpolated."""
-    config: dict[str, Any] = interpolate(yaml.safe_load(COMPOSE.read_text()))
+    config: dict[str, Any] = interpolate(load_documents(COMPOSE)[0])
     return config
 
 
@@ -107,6 +119,15 @@ def compose_workers() -> dict[str, dict[str, Any]]:
 def compose_gateways() -> dict[str, dict[str, Any]]:
     """The compose services that run `llamaq gateway`, by name."""
     return compose_running("gateway")
+
+
+def compose_mounts(service: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """A compose service's volumes (short syntax) by path in the container: (volume or host path, mode)."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        source, target, *mode = volume.split(":")
+        mounts[target] = (source, mode[0] if mode else "rw")
+    return mounts
 
 
 def command_of(service: dict[str, Any]) -> list[str]:
@@ -265,6 +286,12 @@ def local_urls(command: str) -> list[tuple[int, str]]:
         urls.append((int(port), match["path"]))
     assert urls, f"no local URL in {command!r}"
     return urls
+
+
+def worker_health_server(healthy: bool) -> HealthServer:
+    """A worker's health server that is never started: respond() is what a GET gets."""
+    metrics = WorkerMetrics("test-model", "test-worker", kv_layout="per-sequence", process_metrics=False)
+    return HealthServer(metrics, "127.0.0.1", DEFAULT_PORT, lambda: healthy, lambda: (healthy, "test"))
 
 
 def dockerfile_healthcheck(path: Path) -> str:
@@ -485,16 +512,11 @@ def test_probe_paths_are_the_ones_the_health_server_answers() -> None:
     assert liveness == {LIVENESS_PATH}
     assert readiness == {READINESS_PATH}
 
-    def server(healthy: bool) -> HealthServer:
-        """A server that is never started: respond() is what a GET gets."""
-        metrics = WorkerMetrics("test-model", "test-worker", kv_layout="per-sequence", process_metrics=False)
-        return HealthServer(metrics, "127.0.0.1", DEFAULT_PORT, lambda: healthy, lambda: (healthy, "test"))
-
     # A path is a probe only if its answer follows the worker's state: 200 when healthy, 503 when not.
     for path in (LIVENESS_PATH, READINESS_PATH):
-        assert server(healthy=True).respond(path)[0] == HTTPStatus.OK, path
-        assert server(healthy=False).respond(path)[0] == HTTPStatus.SERVICE_UNAVAILABLE, path
-    assert server(healthy=True).respond("/nope")[0] == HTTPStatus.NOT_FOUND
+        assert worker_health_server(healthy=True).respond(path)[0] == HTTPStatus.OK, path
+        assert worker_health_server(healthy=False).respond(path)[0] == HTTPStatus.SERVICE_UNAVAILABLE, path
+    assert worker_health_server(healthy=True).respond("/nope")[0] == HTTPStatus.NOT_FOUND
 
 
 def test_env_vars_set_for_the_worker_are_read_by_the_code() -> None:
@@ -531,8 +553,8 @@ def test_state_dir_is_on_a_volume(monkeypatch: pytest.MonkeyPatch) -> None:
         assert parsed(service["command"], monkeypatch).state_dir == Path(STATE_DIR)
         mounts = {volume.split(":")[1] for volume in service["volumes"]}
         assert STATE_DIR in mounts, name
-    # Each compose worker has a volume of its own: swap files are per worker process.
-    volumes = [volume.split(":")[0] for s in compose_workers().values() for volume in s["volumes"]]
+    # Each compose worker has a state volume of its own: swap files are per worker process.
+    volumes = [compose_mounts(s)[STATE_DIR][0] for s in compose_workers().values()]
     assert len(volumes) == len(set(volumes))
     for workload, container in k8s_workers():
         assert parsed(container["args"], monkeypatch).state_dir == Path(STATE_DIR)
@@ -598,7 +620,7 @@ def test_k8s_prometheus_config_scrapes_the_worker_pods_as_job_llamaq_worker() ->
         assert keep[("__meta_kubernetes_pod_label_app_kubernetes_io_name",)] == labels["app.kubernetes.io/name"]
         metrics_port = {port["name"]: port["containerPort"] for port in container["ports"]}
         assert metrics_port[keep[("__meta_kubernetes_pod_container_port_name",)]] == DEFAULT_PORT
-    assert "alerts.yml" in config["rule_files"]
+    assert config["rule_files"] == yaml.safe_load((DEPLOY / "prometheus.yml").read_text())["rule_files"]
 
 
 def test_compose_wires_valkey_prometheus_and_grafana_to_the_workers() -> None:
@@ -734,3 +756,234 @@ def test_gateway_stop_timeouts_exceed_its_shutdown_grace() -> None:
             "terminationGracePeriodSeconds"
         ]
     assert grace and {where: s for where, s in grace.items() if s <= GATEWAY_SHUTDOWN_S} == {}
+
+
+# --- the model volume (compose) ------------------------------------------------------------------------------
+
+
+def model_seed() -> dict[str, Any]:
+    """The compose service that fills the model volume before the workers start."""
+    services: dict[str, dict[str, Any]] = compose()["services"]
+    (name,) = {dep for worker in compose_workers().values() for dep in worker["depends_on"] if dep != "valkey"}
+    assert all(
+        w["depends_on"][name]["condition"] == "service_completed_successfully" for w in compose_workers().values()
+    )
+    return services[name]
+
+
+def test_compose_workers_load_their_model_from_the_model_volume(monkeypatch: pytest.MonkeyPatch) -> None:
+    seed = model_seed()
+    models = {parsed(command_of(s), monkeypatch).model for s in compose_workers().values()}
+    # Without LLAMAQ_MODEL_FILE the workers serve the image's default model, from the volume.
+    assert models == {Path(MODELS_DIR) / DEFAULT_MODEL_FILE}
+    assert Path(seed["environment"]["MODEL_PATH"]) in models
+    volumes = {compose_mounts(s)[MODELS_DIR] for s in compose_workers().values()}
+    # One volume for all workers, read-only there; the seed writes it.
+    assert len(volumes) == 1 and volumes.pop()[1] == "ro"
+    (volume, _) = compose_mounts(next(iter(compose_workers().values())))[MODELS_DIR]
+    assert compose_mounts(seed)[MODELS_DIR] == (volume, "rw")
+    assert volume in compose()["volumes"]
+    assert seed["entrypoint"] == ["python", "-c"] and len(command_of(seed)) == 1
+    # A fresh named volume takes the ownership of the image's folder: the image's user must own it to fill it.
+    for path in DOCKERFILES:
+        made = [i.arguments for i in final_stage(path) if i.keyword == "RUN" and "useradd" in i.arguments]
+        assert made and re.search(rf"mkdir -p [^&]*{MODELS_DIR}\b", made[0]), path.name
+        assert re.search(rf"chown -R llamaq:llamaq [^&]*{MODELS_DIR}\b", made[0]), path.name
+
+
+def run_model_seed(model_path: Path, monkeypatch: pytest.MonkeyPatch) -> str | None:
+    """Run the seed's script in this process on model_path; what it exits with (None: success)."""
+    monkeypatch.setenv("MODEL_PATH", str(model_path))
+    try:
+        exec(compile(command_of(model_seed())[0], "compose models", "exec"), {"__name__": "__main__"})
+    except SystemExit as stopped:
+        return str(stopped.code)
+    return None
+
+
+def test_compose_model_seed_fills_the_volume_once_and_names_a_missing_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The image's default model, stood in for by a small file (the real one is 100 MB).
+    shipped = tmp_path / "shipped.gguf"
+    shipped.write_bytes(b"GGUF default model")
+    monkeypatch.setattr(model_files, "default_model_path", lambda: shipped)
+    volume = tmp_path / "models"
+    volume.mkdir()
+    assert run_model_seed(volume / DEFAULT_MODEL_FILE, monkeypatch) is None
+    assert (volume / DEFAULT_MODEL_FILE).read_bytes() == shipped.read_bytes()
+    assert [path.name for path in volume.iterdir()] == [DEFAULT_MODEL_FILE]
+    # Present: left as it is (an operator's own file under that name too).
+    (volume / DEFAULT_MODEL_FILE).write_bytes(b"GGUF the operator's")
+    assert run_model_seed(volume / DEFAULT_MODEL_FILE, monkeypatch) is None
+    assert (volume / DEFAULT_MODEL_FILE).read_bytes() == b"GGUF the operator's"
+    (volume / "mine.gguf").write_bytes(b"GGUF mine")
+    assert run_model_seed(volume / "mine.gguf", monkeypatch) is None
+    # Named but missing: the workers would fail to load it, so nothing starts and the message says why.
+    failure = run_model_seed(volume / "missing.gguf", monkeypatch)
+    assert failure is not None and str(volume / "missing.gguf") in failure and "README" in failure
+
+
+# --- autoscaling, disruption budgets, service monitors (k8s) ---------------------------------------------------
+
+
+def k8s_object(kind: str, name: str) -> dict[str, Any]:
+    """The one Kubernetes object of that kind and name."""
+    (found,) = [doc for doc in k8s_objects(kind) if doc["metadata"]["name"] == name]
+    return found
+
+
+def scale_target(autoscaler: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(workload, llamaq container) an autoscaler (ScaledObject or HPA) scales."""
+    reference = autoscaler["spec"]["scaleTargetRef"]
+    assert reference["apiVersion"] == "apps/v1"
+    workload = k8s_object(reference["kind"], reference["name"])
+    (container,) = [c for w, c in k8s_llamaq_containers() if w is workload or w == workload]
+    return workload, container
+
+
+def cpu_cores(quantity: str) -> float:
+    """A Kubernetes CPU quantity (500m, 2) in cores."""
+    return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+def grace_s(workload: dict[str, Any]) -> int:
+    """A workload's termination grace period."""
+    seconds: int = workload["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    return seconds
+
+
+def scale_down_policy(behavior: dict[str, Any]) -> tuple[int, int]:
+    """(stabilization window, slowest pod removal period) of an HPA behavior's scaleDown, one pod per period."""
+    scale_down = behavior["scaleDown"]
+    assert all(p["type"] == "Pods" and p["value"] == 1 for p in scale_down["policies"]), scale_down
+    return scale_down["stabilizationWindowSeconds"], min(p["periodSeconds"] for p in scale_down["policies"])
+
+
+def service_target_port(service: dict[str, Any], port_name: str) -> int:
+    """The container port a Service's named port reaches on the pods it selects."""
+    (port,) = [port for port in service["spec"]["ports"] if port["name"] == port_name]
+    pods = [
+        c
+        for w, c in pod_containers()
+        if service["spec"]["selector"].items() <= w["spec"]["template"]["metadata"]["labels"].items()
+    ]
+    assert pods, service["metadata"]["name"]
+    named = {p["name"]: p["containerPort"] for c in pods for p in c.get("ports", [])}
+    return port_number(named, port["targetPort"])
+
+
+def test_keda_scales_the_workers_on_the_request_streams_lag_and_pending(monkeypatch: pytest.MonkeyPatch) -> None:
+    (scaled,) = k8s_objects("ScaledObject")
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    workload, container = scale_target(scaled)
+    assert workload["kind"] == "StatefulSet" and container["args"][0] == "worker"
+    # KEDA owns the replica count: an apply must not reset it.
+    assert "replicas" not in workload["spec"]
+    args = parsed(container["args"], monkeypatch)
+    keys = Keys(args.prefix, args.queue)
+    spec = scaled["spec"]
+    triggers = {trigger["name"]: trigger for trigger in spec["triggers"]}
+    assert set(triggers) == {"lag", "pending"}
+    namespace = yaml.safe_load((K8S / "kustomization.yaml").read_text())["namespace"]
+    for trigger in triggers.values():
+        assert trigger["type"] == "redis-streams"
+        metadata = trigger["metadata"]
+        # The names the worker uses, hash tag included: `llamaq:{q:default}:requests`, group `workers`.
+        assert metadata["stream"] == keys.requests and "{q:" in metadata["stream"]
+        assert metadata["consumerGroup"] == keys.group
+        host, _, port = metadata["address"].rpartition(":")
+        service_name, service_namespace, *rest = host.split(".")
+        assert service_namespace == namespace and rest[:1] == ["svc"], metadata["address"]
+        service = k8s_object("Service", service_name)
+        assert int(port) in {p["port"] for p in service["spec"]["ports"]}
+        assert service_target_port(service, "redis") == int(port)
+        # The password Valkey requires (--requirepass $(VALKEY_PASSWORD)), from the same Secret key.
+        auth = k8s_object("TriggerAuthentication", trigger["authenticationRef"]["name"])
+        (password,) = [ref for ref in auth["spec"]["secretTargetRef"] if ref["parameter"] == "password"]
+        (valkey,) = [c for _, c in pod_containers() if c["name"] == "valkey"]
+        required = {e["name"]: e for e in valkey["env"]}["VALKEY_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        assert (password["name"], password["key"]) == (required["name"], required["key"])
+    # KEDA picks what it reads by which key is present: lagCount -> XINFO GROUPS lag, else XPENDING's count.
+    assert "lagCount" in triggers["lag"]["metadata"] and "pendingEntriesCount" not in triggers["lag"]["metadata"]
+    assert (
+        "lagCount" not in triggers["pending"]["metadata"] and "pendingEntriesCount" in triggers["pending"]["metadata"]
+    )
+    # All the work in the system, one worker per --parallel requests of it.
+    modifiers = spec["advanced"]["scalingModifiers"]
+    assert set(re.findall(r"[a-z_]+", modifiers["formula"])) == set(triggers) and "+" in modifiers["formula"]
+    assert int(modifiers["target"]) == args.parallel
+    assert modifiers.get("metricType", "AverageValue") == "AverageValue"
+    # Never zero: with no live worker the gateway answers 503 instead of queueing, so no lag would wake one.
+    assert 1 <= spec["minReplicaCount"] < spec["maxReplicaCount"]
+    window, period = scale_down_policy(spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"])
+    assert window >= 60 and period >= grace_s(workload) > args.drain_timeout
+    assert spec["cooldownPeriod"] >= grace_s(workload)
+
+
+def test_gateway_scales_on_cpu_before_its_event_loop_saturates() -> None:
+    (hpa,) = k8s_objects("HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    workload, container = scale_target(hpa)
+    assert workload["kind"] == "Deployment" and container["args"][0] == "gateway"
+    assert "replicas" not in workload["spec"]
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu"
+    target = metric["resource"]["target"]
+    assert target["type"] == "Utilization"
+    # Utilization is of the CPU request; one event loop cannot use more than a core, so scale out before that.
+    request = cpu_cores(container["resources"]["requests"]["cpu"])
+    assert target["averageUtilization"] / 100 * request < 0.9
+    assert 2 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+    window, period = scale_down_policy(hpa["spec"]["behavior"])
+    assert window >= 60 and period >= grace_s(workload) > GATEWAY_SHUTDOWN_S
+
+
+def test_disruption_budgets_cover_workers_and_gateways_without_blocking_a_drain() -> None:
+    budgets = k8s_objects("PodDisruptionBudget")
+    minimum = {
+        scale_target(a)[0]["metadata"]["name"]: a["spec"].get("minReplicaCount", a["spec"].get("minReplicas"))
+        for a in [*k8s_objects("ScaledObject"), *k8s_objects("HorizontalPodAutoscaler")]
+    }
+    workloads = {w["metadata"]["name"]: w for w, _ in k8s_llamaq_containers()}
+    assert set(workloads) == set(minimum)
+    for name, workload in workloads.items():
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        covering = [b for b in budgets if b["spec"]["selector"]["matchLabels"].items() <= labels.items()]
+        assert len(covering) == 1, name
+        spec = covering[0]["spec"]
+        assert covering[0]["apiVersion"] == "policy/v1"
+        # At the autoscaler's minimum, one pod may still be evicted: a node drain never waits for good.
+        allowed = spec["maxUnavailable"] if "maxUnavailable" in spec else minimum[name] - spec["minAvailable"]
+        assert allowed >= 1, name
+    assert len(budgets) == len(workloads)
+
+
+def test_service_monitors_scrape_workers_and_gateways_as_the_alerts_select_them() -> None:
+    jobs = {job["job_name"] for job in yaml.safe_load((DEPLOY / "prometheus.yml").read_text())["scrape_configs"]}
+    served = {
+        "llamaq-worker": (DEFAULT_PORT, lambda path: worker_health_server(True).respond(path)[0] == HTTPStatus.OK),
+        "llamaq-gateway": (GATEWAY_PORT, lambda path: path in gateway_paths()),
+    }
+    assert set(served) == jobs
+    namespace = yaml.safe_load((K8S / "kustomization.yaml").read_text())["namespace"]
+    scraped = set()
+    for monitor in k8s_objects("ServiceMonitor"):
+        spec = monitor["spec"]
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+        assert spec["namespaceSelector"]["matchNames"] == [namespace]
+        (service,) = [
+            s
+            for s in k8s_objects("Service")
+            if spec["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()
+        ]
+        # Without jobLabel the job is the Service's name: the one the alerts and the dashboard select.
+        job = service["metadata"]["labels"][spec["jobLabel"]] if "jobLabel" in spec else service["metadata"]["name"]
+        port, answers = served[job]
+        (endpoint,) = spec["endpoints"]
+        assert service_target_port(service, endpoint["port"]) == port, job
+        assert answers(endpoint.get("path", "/metrics")), job
+        relabel = {tuple(r["sourceLabels"]): r["targetLabel"] for r in endpoint["relabelings"]}
+        assert relabel[("__meta_kubernetes_pod_name",)] == "instance"
+        scraped.add(job)
+    assert scraped == jobs

@@ -1,12 +1,17 @@
-"""Worker metrics expose what dashboards and alerts read; the health server answers probes; deploy configs are sound.
+"""Worker metrics expose what dashboards and alerts read; the health server answers probes; deploy configs are sound:
+every metric and label an alert, a recording rule or a dashboard query names is one the code exports, and the
+recording rules give vLLM's names to the worker's series.
 
-Fast: no model, no Redis.
+Fast: no model, no Redis. With promtool installed, the rules are also checked and evaluated by Prometheus's own.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+import shutil
+import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -18,11 +23,13 @@ import yaml
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
-from llamaq.worker.health_server import HealthServer
+from llamaq.worker.health_server import DEFAULT_PORT, HealthServer
 from llamaq.worker.metrics import METRIC_NAMES, WorkerMetrics
 
+from . import promql
+from .exported_metrics import GATEWAY_JOB, WORKER_JOB, Series, exercise_worker, exported, problems, with_recorded
+
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
-METRIC_NAME = re.compile(r"\bllamaq_[a-z0-9_]+")
 
 
 def samples(metrics: WorkerMetrics) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -40,48 +47,9 @@ def value(metrics: WorkerMetrics, name: str, **labels: str) -> float:
     return samples(metrics)[(name, frozenset({"model": metrics.model, **labels}.items()))]
 
 
-def exercise(metrics: WorkerMetrics) -> None:
-    """Call every update method once or twice, as a worker would."""
-    metrics.observe_step(n_sequences=3, n_tokens=130, decode_s=0.02, step_s=0.025)
-    metrics.observe_step(n_sequences=4, n_tokens=4, decode_s=0.01, step_s=0.012)
-    metrics.observe_finished(
-        "stop",
-        None,
-        prompt_tokens=100,
-        cached_tokens=60,
-        generation_tokens=3,
-        queue_s=0.5,
-        ttft_s=0.8,
-        e2e_s=1.0,
-        inter_token_s=[0.1, 0.1],
-    )
-    metrics.observe_finished(
-        "error",
-        "internal",
-        prompt_tokens=20,
-        cached_tokens=0,
-        generation_tokens=0,
-        queue_s=0.1,
-        ttft_s=None,
-        e2e_s=0.2,
-        inter_token_s=[],
-    )
-    metrics.set_kv(cells_used=512, cells_total=2048, sequences_in_use=5, conversations_cached=2)
-    metrics.set_queue(running=4, waiting=7)
-    metrics.set_backlog(lag=12, pending=11)
-    metrics.set_conversations_on_disk(9)
-    metrics.count_eviction(2)
-    metrics.count_preemption()
-    metrics.count_swap_out()
-    metrics.count_swap_in()
-    metrics.count_restore_check_failure()
-    metrics.count_restore_refused("corrupt")
-    metrics.count_decode_retry()
-
-
 def test_exposition_holds_what_the_worker_recorded() -> None:
     metrics = WorkerMetrics("smollm2", "host-1-abc", kv_layout="unified")
-    exercise(metrics)
+    exercise_worker(metrics)
 
     assert value(metrics, "llamaq_requests_finished_total", reason="stop", code="") == 1
     assert value(metrics, "llamaq_requests_finished_total", reason="error", code="internal") == 1
@@ -125,7 +93,7 @@ def test_exposition_holds_what_the_worker_recorded() -> None:
 
 def test_every_llamaq_sample_has_the_model_label_and_a_listed_name() -> None:
     metrics = WorkerMetrics("smollm2", "w", kv_layout="per-sequence")
-    exercise(metrics)
+    exercise_worker(metrics)
     names = set()
     for name, labels in samples(metrics):
         if name.startswith("llamaq_"):
@@ -240,28 +208,79 @@ def test_stop_releases_the_port() -> None:
 
 # --- deploy configuration -----------------------------------------------------------------------------------------
 
+# vLLM's names that deploy/vllm-rules.yml provides: vLLM's metric type (its "Production Metrics" docs and
+# vllm/v1/metrics/loggers.py) and the worker metric each is made from. Histograms are named without a suffix.
+VLLM_NAMES: dict[str, tuple[str, str]] = {
+    "vllm:num_requests_running": ("gauge", "llamaq_requests_running"),
+    "vllm:num_requests_waiting": ("gauge", "llamaq_requests_waiting"),
+    "vllm:kv_cache_usage_perc": ("gauge", "llamaq_kv_usage_ratio"),
+    "vllm:gpu_cache_usage_perc": ("gauge", "llamaq_kv_usage_ratio"),
+    "vllm:prompt_tokens_total": ("counter", "llamaq_prompt_tokens_total"),
+    "vllm:generation_tokens_total": ("counter", "llamaq_generation_tokens_total"),
+    "vllm:prefix_cache_queries_total": ("counter", "llamaq_prefix_cache_queries_total"),
+    "vllm:prefix_cache_hits_total": ("counter", "llamaq_prefix_cache_hits_total"),
+    "vllm:num_preemptions_total": ("counter", "llamaq_preemptions_total"),
+    "vllm:request_success_total": ("counter", "llamaq_requests_finished_total"),
+    "vllm:time_to_first_token_seconds": ("histogram", "llamaq_time_to_first_token_seconds"),
+    "vllm:inter_token_latency_seconds": ("histogram", "llamaq_inter_token_latency_seconds"),
+    "vllm:time_per_output_token_seconds": ("histogram", "llamaq_inter_token_latency_seconds"),
+    "vllm:e2e_request_latency_seconds": ("histogram", "llamaq_e2e_request_latency_seconds"),
+    "vllm:request_queue_time_seconds": ("histogram", "llamaq_queue_time_seconds"),
+    "vllm:request_prompt_tokens": ("histogram", "llamaq_request_prompt_tokens"),
+    "vllm:request_generation_tokens": ("histogram", "llamaq_request_generation_tokens"),
+    "vllm:iteration_tokens_total": ("histogram", "llamaq_batch_tokens"),
+}
+HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+# vLLM's finished_reason values (stop, length, abort, error, repetition) for the worker's `reason` label.
+VLLM_FINISHED_REASON = {"stop": "stop", "length": "length", "cancelled": "abort", "error": "error"}
+# Refused before they were served: vLLM answers these with a 400 before its engine sees them.
+NOT_SERVED_CODES = {"invalid_request", "context_length_exceeded"}
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(
+    PROMTOOL is None, reason="promtool is not installed (Debian: apt-get install prometheus); the rules are parsed only"
+)
+
 
 def load_yaml(name: str) -> Any:
     """A file of deploy/ parsed as YAML."""
     return yaml.safe_load((DEPLOY / name).read_text())
 
 
-def alert_rules() -> list[dict[str, Any]]:
-    """Every rule of deploy/alerts.yml."""
-    groups = load_yaml("alerts.yml")["groups"]
+def rules(name: str) -> list[dict[str, Any]]:
+    """Every rule of a rule file of deploy/."""
+    groups = load_yaml(name)["groups"]
     assert groups
     return [rule for group in groups for rule in group["rules"]]
 
 
-def dashboard_targets() -> list[dict[str, Any]]:
-    """Every query target of the Grafana dashboard."""
-    dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
-    return [target for panel in dashboard["panels"] for target in panel.get("targets", [])]
+def rule_files() -> list[str]:
+    """The rule files deploy/prometheus.yml loads."""
+    files: list[str] = load_yaml("prometheus.yml")["rule_files"]
+    return files
 
 
-def unknown_metrics(expr: str) -> set[str]:
-    """llamaq_ names in a PromQL expression that no worker exports."""
-    return {match.group() for match in METRIC_NAME.finditer(expr)} - METRIC_NAMES
+def known_series() -> dict[str, Series]:
+    """What the code exports, plus what the recording rules make of it."""
+    return with_recorded(exported(), rules("vllm-rules.yml"))
+
+
+def dashboard() -> dict[str, Any]:
+    """deploy/grafana-dashboard.json."""
+    loaded: dict[str, Any] = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
+    return loaded
+
+
+def dashboard_queries() -> list[str]:
+    """Every PromQL query of the dashboard: panel targets, and the selector of each label_values() variable."""
+    board = dashboard()
+    queries = [target["expr"] for panel in board["panels"] for target in panel.get("targets", [])]
+    for variable in board["templating"]["list"]:
+        if variable["type"] == "query":
+            found = re.fullmatch(r"label_values\((.+),\s*([A-Za-z_]+)\)", variable["definition"])
+            assert found is not None, variable["definition"]
+            # The label listed counts as one the query groups by: it must exist on the metric.
+            queries.append(f"count by ({found[2]}) ({found[1]})")
+    return queries
 
 
 def balanced(expr: str) -> bool:
@@ -281,44 +300,134 @@ def balanced(expr: str) -> bool:
     return not stack and quote is None
 
 
+@functools.cache
+def source_samples() -> tuple[tuple[str, dict[str, str], float], ...]:
+    """A worker's exposition as Prometheus stores it: target labels added, empty labels dropped (no label)."""
+    metrics = WorkerMetrics("smollm2", "host-1-abc", kv_layout="per-sequence", process_metrics=False)
+    exercise_worker(metrics)
+    return tuple(
+        (name, {k: v for k, v in labels.items() if v} | {"job": WORKER_JOB, "instance": "worker-0"}, value)
+        for name, labels, value in (
+            (s.name, s.labels, s.value)
+            for family in text_string_to_metric_families(metrics.exposition().decode())
+            for s in family.samples
+        )
+    )
+
+
+def vllm_source(record: str) -> tuple[str, str]:
+    """vLLM's metric type of a recorded series and the worker series it must be made from, by VLLM_NAMES."""
+    for suffix in HISTOGRAM_SUFFIXES:
+        base = record.removesuffix(suffix)
+        if base != record and VLLM_NAMES.get(base, ("",))[0] == "histogram":
+            return "histogram", VLLM_NAMES[base][1] + suffix
+    kind, source = VLLM_NAMES[record]
+    return kind, source
+
+
+def expected_vllm_samples(record: str) -> list[tuple[dict[str, str], float]]:
+    """What vLLM's series `record` should hold for the worker of source_samples(), from VLLM_NAMES alone."""
+    _, source = vllm_source(record)
+    expected = []
+    for name, labels, value in source_samples():
+        if name != source or labels.get("code") in NOT_SERVED_CODES:
+            continue
+        extra = {"model_name": labels["model"]}
+        if record == "vllm:request_success_total":
+            extra["finished_reason"] = VLLM_FINISHED_REASON[labels["reason"]]
+        expected.append((labels | extra, value))
+    assert expected, f"no sample of {source}"
+    return expected
+
+
+def evaluate_copy_rule(expr: str) -> list[tuple[dict[str, str], float]]:
+    """A recording rule of vllm-rules.yml's form (label_replace calls around one selector) evaluated in Python on
+    source_samples(), as Prometheus would: the selector's matchers, then each label_replace from the inside out."""
+    query = promql.parse(expr)
+    (selector,) = query.selectors
+    assert query.functions <= {"label_replace"}, f"not a copy of one series: {expr}"
+    results = []
+    for name, labels, value in source_samples():
+        if name != selector.metric or not all(m.accepts(labels.get(m.label, "")) for m in selector.matchers):
+            continue
+        labels = dict(labels)
+        for destination, replacement, source, regex in reversed(query.replacements):
+            found = re.fullmatch(regex, labels.get(source, ""))
+            if found is not None:
+                labels[destination] = found.expand(re.sub(r"\$(\d+)", r"\\g<\1>", replacement))
+        results.append(({k: v for k, v in labels.items() if v}, value))
+    return results
+
+
+def by_labels(found: list[tuple[dict[str, str], float]]) -> dict[frozenset[tuple[str, str]], float]:
+    """Samples keyed by their label set."""
+    return {frozenset(labels.items()): value for labels, value in found}
+
+
+def series_text(name: str, labels: dict[str, str]) -> str:
+    """A series as promtool's test files write it: name{label="value",...}."""
+    inner = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+    return f"{name}{{{inner}}}"
+
+
+def promtool(*arguments: str | Path) -> None:
+    """Run promtool; fail the test with its output when it does."""
+    assert PROMTOOL is not None
+    result = subprocess.run([PROMTOOL, *map(str, arguments)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_prometheus_config_scrapes_workers_and_loads_the_rules() -> None:
     config = load_yaml("prometheus.yml")
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    targets = [t for static in jobs["llamaq-worker"]["static_configs"] for t in static["targets"]]
-    assert targets and all(t.endswith(":9464") for t in targets)
-    assert config["rule_files"] == ["alerts.yml"]
+    targets = [t for static in jobs[WORKER_JOB]["static_configs"] for t in static["targets"]]
+    assert targets and all(t.endswith(f":{DEFAULT_PORT}") for t in targets)
+    assert GATEWAY_JOB in jobs
+    assert config["rule_files"] == ["alerts.yml", "vllm-rules.yml"]
+    assert all((DEPLOY / name).is_file() for name in config["rule_files"])
 
 
 def test_alert_rules_are_complete_and_use_exported_metrics() -> None:
-    rules = alert_rules()
-    assert len(rules) >= 5
-    for rule in rules:
+    known = known_series()
+    groups = {group["name"]: group["rules"] for group in load_yaml("alerts.yml")["groups"]}
+    assert set(groups) == {"llamaq-worker", "llamaq-gateway"}
+    for rule in rules("alerts.yml"):
         assert {"alert", "expr", "for", "labels", "annotations"} <= rule.keys(), rule
         assert rule["labels"]["severity"] in {"critical", "warning", "info"}
         assert "summary" in rule["annotations"]
         assert balanced(rule["expr"]), rule["alert"]
-        assert not unknown_metrics(rule["expr"]), rule["alert"]
-        assert METRIC_NAME.search(rule["expr"]) or re.search(r"\bup\b", rule["expr"]), rule["alert"]
-    exprs = " ".join(rule["expr"] for rule in rules)
-    for needed in ("llamaq_stream_backlog", "llamaq_kv_usage_ratio", "llamaq_requests_finished_total", "up{"):
+        assert promql.parse(rule["expr"]).metrics, rule["alert"]
+        assert problems(rule["expr"], known) == [], rule["alert"]
+    exprs = " ".join(rule["expr"] for rule in rules("alerts.yml"))
+    for needed in (
+        "llamaq_stream_backlog",
+        "llamaq_kv_usage_ratio",
+        "llamaq_requests_finished_total",
+        'up{job="llamaq-worker"}',
+        'up{job="llamaq-gateway"}',
+        'llamaq_gateway_requests_total{status=~"5.."}',
+        'llamaq_gateway_requests_total{status="503"}',
+        "llamaq_gateway_time_to_first_byte_seconds_bucket",
+    ):
         assert needed in exprs
 
 
 def test_dashboard_queries_use_exported_metrics_through_a_datasource_variable() -> None:
-    dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
-    assert dashboard["schemaVersion"] >= 36
-    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    board = dashboard()
+    assert board["schemaVersion"] >= 36
+    variables = {v["name"]: v for v in board["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
-    graphs = [panel for panel in dashboard["panels"] if panel["type"] != "row"]
+    graphs = [panel for panel in board["panels"] if panel["type"] != "row"]
     assert graphs and all(panel["targets"] for panel in graphs)
     assert all(panel["datasource"]["uid"] == "${datasource}" for panel in graphs)
-    ids = [panel["id"] for panel in dashboard["panels"]]
+    ids = [panel["id"] for panel in board["panels"]]
     assert len(ids) == len(set(ids))
-    for target in dashboard_targets():
-        assert balanced(target["expr"]), target["expr"]
-        assert not unknown_metrics(target["expr"]), target["expr"]
-    exprs = " ".join(target["expr"] for target in dashboard_targets())
+    known = known_series()
+    for query in dashboard_queries():
+        assert balanced(query), query
+        assert problems(query, known) == [], query
+    exprs = " ".join(dashboard_queries())
     for needed in (
         "rate(llamaq_generation_tokens_total",
         "llamaq_time_to_first_token_seconds_bucket",
@@ -330,3 +439,202 @@ def test_dashboard_queries_use_exported_metrics_through_a_datasource_variable() 
         "llamaq_preemptions_total",
     ):
         assert needed in exprs
+
+
+def test_dashboard_has_a_gateway_row_and_resource_panels() -> None:
+    board = dashboard()
+    rows: dict[str, list[str]] = {}
+    for panel in board["panels"]:
+        if panel["type"] == "row":
+            rows[panel["title"]] = []
+        else:
+            rows[list(rows)[-1]].extend(target["expr"] for target in panel["targets"])
+    gateway = " ".join(rows["Gateway"])
+    for needed in (
+        "sum by (status) (rate(llamaq_gateway_requests_total",
+        'status="429"',
+        'status="503"',
+        'status=~"5.."',
+        "histogram_quantile(0.95, sum by (le, stream) (rate(llamaq_gateway_time_to_first_byte_seconds_bucket",
+        "llamaq_gateway_open_streams",
+    ):
+        assert needed in gateway
+    assert all(f'job="{GATEWAY_JOB}"' in expr for expr in rows["Gateway"])
+    # Each resource panel shows both kinds of process.
+    resources = [promql.parse(expr) for expr in rows["Resources"]]
+    shown = {
+        (selector.metric, matcher.value)
+        for query in resources
+        for selector in query.selectors
+        for matcher in selector.matchers
+        if matcher.label == "job"
+    }
+    for metric in ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds"):
+        assert {(metric, WORKER_JOB), (metric, GATEWAY_JOB)} <= shown
+
+
+def test_recording_rules_provide_vllm_names_types_and_labels() -> None:
+    recorded = {rule["record"]: rule for rule in rules("vllm-rules.yml")}
+    assert all("alert" not in rule for rule in rules("vllm-rules.yml"))
+    expected = {
+        name + suffix
+        for name, (kind, _) in VLLM_NAMES.items()
+        for suffix in (HISTOGRAM_SUFFIXES if kind == "histogram" else ("",))
+    }
+    assert set(recorded) == expected
+    known = known_series()
+    exporting = exported()
+    for record, rule in recorded.items():
+        assert problems(rule["expr"], exporting) == [], record
+        (source,) = promql.parse(rule["expr"]).metrics
+        kind, expected_source = vllm_source(record)
+        assert source == expected_source, record
+        # A gauge stays a gauge, a counter a counter, a histogram's bucket a bucket: rate() and quantiles work.
+        assert exporting[source].kind == kind, record
+        needed = {"model_name"} | ({"le"} if record.endswith("_bucket") else set())
+        assert needed <= known[record].labels, record
+    assert {"finished_reason"} <= known["vllm:request_success_total"].labels
+
+
+def test_recording_rules_copy_every_worker_sample_with_vllm_labels() -> None:
+    # Every reason the worker reports maps to one of vLLM's.
+    reasons = {labels["reason"] for name, labels, _ in source_samples() if name == "llamaq_requests_finished_total"}
+    assert reasons == set(VLLM_FINISHED_REASON)
+    assert set(VLLM_FINISHED_REASON.values()) <= {"stop", "length", "abort", "error", "repetition"}
+    for rule in rules("vllm-rules.yml"):
+        assert by_labels(evaluate_copy_rule(rule["expr"])) == by_labels(expected_vllm_samples(rule["record"]))
+
+
+@needs_promtool
+def test_promtool_accepts_the_rules_and_both_prometheus_configs(tmp_path: Path) -> None:
+    promtool("check", "rules", *(DEPLOY / name for name in rule_files()))
+    promtool("check", "config", DEPLOY / "prometheus.yml")
+    (config_map,) = [
+        doc
+        for doc in yaml.safe_load_all((DEPLOY / "k8s" / "prometheus-config.yaml").read_text())
+        if doc["kind"] == "ConfigMap"
+    ]
+    config = yaml.safe_load(config_map["data"]["prometheus.yml"])
+    for name in rule_files():
+        shutil.copy(DEPLOY / name, tmp_path / name)
+    assert config["rule_files"] == rule_files()
+    if not promtool_knows_kubernetes_sd(tmp_path):
+        # Debian builds promtool without Kubernetes discovery: check all the rest of the file.
+        for job in config["scrape_configs"]:
+            assert job.pop("kubernetes_sd_configs"), job["job_name"]
+            job["static_configs"] = [{"targets": []}]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    promtool("check", "config", tmp_path / "prometheus.yml")
+
+
+def promtool_knows_kubernetes_sd(tmp_path: Path) -> bool:
+    """Whether this promtool was built with Kubernetes service discovery."""
+    probe = tmp_path / "kubernetes-sd.yml"
+    probe.write_text(
+        yaml.safe_dump({"scrape_configs": [{"job_name": "p", "kubernetes_sd_configs": [{"role": "pod"}]}]})
+    )
+    assert PROMTOOL is not None
+    result = subprocess.run([PROMTOOL, "check", "config", str(probe)], capture_output=True, text=True, timeout=60)
+    return "field kubernetes_sd_configs not found" not in result.stdout + result.stderr
+
+
+@needs_promtool
+def test_promtool_evaluates_the_vllm_rules_on_a_worker_exposition(tmp_path: Path) -> None:
+    sources = {source for rule in rules("vllm-rules.yml") for source in promql.parse(rule["expr"]).metrics}
+    tests = {
+        "interval": "1m",
+        "input_series": [
+            {"series": series_text(name, labels), "values": f"{value!r}x3"}
+            for name, labels, value in source_samples()
+            if name in sources
+        ],
+        "promql_expr_test": [
+            {
+                "expr": rule["record"],
+                "eval_time": "2m",
+                "exp_samples": [
+                    {"labels": series_text(rule["record"], labels), "value": value}
+                    for labels, value in expected_vllm_samples(rule["record"])
+                ],
+            }
+            for rule in rules("vllm-rules.yml")
+        ],
+    }
+    test_file = tmp_path / "vllm-rules.test.yml"
+    test_file.write_text(yaml.safe_dump({"rule_files": [str(DEPLOY / "vllm-rules.yml")], "tests": [tests]}))
+    promtool("test", "rules", test_file)
+
+
+def gateway_requests(status: str, per_minute: int) -> dict[str, str]:
+    """A gateway's request counter for one status, growing steadily, as promtool input."""
+    labels = {"job": GATEWAY_JOB, "instance": "gateway-0", "endpoint": "/v1/chat/completions", "tenant": "anonymous"}
+    return {
+        "series": series_text("llamaq_gateway_requests_total", labels | {"status": status}),
+        "values": f"0+{per_minute}x40",
+    }
+
+
+def firing(alert: str, severity: str, **labels: str) -> dict[str, Any]:
+    """A promtool expression test: the alert fires at 30m with these labels."""
+    alert_labels = {"alertname": alert, "alertstate": "firing", "severity": severity, "job": GATEWAY_JOB} | labels
+    return {
+        "expr": f'ALERTS{{alertname="{alert}", alertstate="firing"}}',
+        "eval_time": "30m",
+        "exp_samples": [{"labels": series_text("ALERTS", alert_labels), "value": 1}],
+    }
+
+
+def silent(alert: str) -> dict[str, Any]:
+    """A promtool expression test: the alert does not fire at 30m."""
+    return {"expr": f'ALERTS{{alertname="{alert}", alertstate="firing"}}', "eval_time": "30m", "exp_samples": []}
+
+
+@needs_promtool
+def test_promtool_fires_the_gateway_alerts_when_they_should(tmp_path: Path) -> None:
+    worker_up = {"series": series_text("up", {"job": WORKER_JOB, "instance": "worker-0"}), "values": "1x40"}
+    worker_gone = worker_up | {"values": "0x40"}
+    ttfb = "llamaq_gateway_time_to_first_byte_seconds_bucket"
+    slow_stream = {"job": GATEWAY_JOB, "instance": "gateway-0", "endpoint": "/v1/chat/completions", "stream": "true"}
+    outage = {
+        "interval": "1m",
+        # 20% of answers are 503 and no worker is up.
+        "input_series": [gateway_requests("200", 240), gateway_requests("503", 60), worker_gone],
+        "promql_expr_test": [
+            firing("LlamaqGatewayServerErrors", "critical"),
+            firing("LlamaqGatewayNoWorker", "critical"),
+            silent("LlamaqGatewayOverloaded"),
+        ],
+    }
+    busy = {
+        "interval": "1m",
+        # Workers are up but cannot keep up: 5% of calls refused with 429, streams wait 10 to 20 s for a byte, and
+        # 1% of answers are 503 (a worker restarting mid-call).
+        "input_series": [
+            gateway_requests("200", 564),
+            gateway_requests("429", 30),
+            gateway_requests("503", 6),
+            gateway_requests("499", 600),
+            worker_up,
+            {"series": series_text(ttfb, slow_stream | {"le": "10.0"}), "values": "0x40"},
+            {"series": series_text(ttfb, slow_stream | {"le": "20.0"}), "values": "0+60x40"},
+            {"series": series_text(ttfb, slow_stream | {"le": "+Inf"}), "values": "0+60x40"},
+        ],
+        "promql_expr_test": [
+            firing("LlamaqGatewayOverloaded", "warning"),
+            firing("LlamaqGatewaySlowFirstByte", "warning", endpoint="/v1/chat/completions"),
+            silent("LlamaqGatewayServerErrors"),
+            silent("LlamaqGatewayNoWorker"),
+        ],
+    }
+    idle = {
+        "interval": "1m",
+        # No worker and no caller: LlamaqNoWorker's business; the gateway turns nobody away.
+        "input_series": [gateway_requests("200", 0), worker_gone],
+        "promql_expr_test": [silent("LlamaqGatewayNoWorker"), silent("LlamaqGatewayServerErrors")],
+    }
+    test_file = tmp_path / "alerts.test.yml"
+    scenarios = [outage, busy, idle]
+    test_file.write_text(
+        yaml.safe_dump({"rule_files": [str(DEPLOY / "alerts.yml")], "evaluation_interval": "1m", "tests": scenarios})
+    )
+    promtool("test", "rules", test_file)
