@@ -125,7 +125,7 @@ def run_redis(url: str, load: Load, work_dir: Path) -> Measured:
     prefix = f"bench{secrets.token_hex(4)}"
     n_ctx = load.clients * CELLS_PER_SEQUENCE
     valkey = local_server_pid(url)
-    log_path = work_dir / f"worker-{load.clients}.log"
+    log_path = work_dir / f"worker-{load.clients}-{prefix}.log"  # one per run: rounds repeat a client count
     with worker_process(url, prefix, load.clients, n_ctx, load.threads, log_path) as worker:
         # Warm-up outside the timing: the model's pages, the consumer group, the template prefix in the cache.
         run_client_processes(client_jobs(REDIS, url, 1, 1, 4, 1, prefix), _WARM_UP_TIMEOUT_S)
@@ -227,7 +227,7 @@ def _llama_request(llama: Any, tokens: list[int], max_tokens: int, trace: Trace)
 
 def run_llama_server(binary: Path, prompts: dict[int, list[int]], load: Load, work_dir: Path) -> Measured:
     """llama-server with one slot per client, driven over HTTP by the same client processes."""
-    log_path = work_dir / f"llama-server-{load.clients}.log"
+    log_path = work_dir / f"llama-server-{load.clients}-{secrets.token_hex(3)}.log"
     n_ctx = load.clients * CELLS_PER_SEQUENCE
     with llama_server(binary, load.model, load.clients, n_ctx, load.threads, N_BATCH, log_path) as (host, port):
         address = f"{host}:{port}"

@@ -79,6 +79,9 @@ def _throughput(data: dict[str, Any]) -> list[str]:
     for name, entry in systems.items():
         if not entry.get("available", True):
             lines.append(f"\n{name}: not available ({entry.get('reason')})")
+        for clients, row in entry.get("by_clients", {}).items():
+            if "error" in row:
+                lines.append(f"\n{name} at {clients} clients failed in a round: {row['error']}")
     return lines
 
 

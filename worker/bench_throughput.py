@@ -145,7 +145,8 @@ def _ratios_by_round(systems: dict[str, dict[str, Any]], rounds: dict[str, list[
         if a.get("tokens_per_s") and b.get("tokens_per_s")
     ]
     row = systems[REDIS_PATH]["by_clients"].get(str(clients))
-    if pairs and row is not None:
+    # A client count with a failed round has no ratio: its target then reads n/a, not a partial verdict.
+    if pairs and row is not None and "error" not in row:
         row["vs_llama_server_by_round"] = [round(p, 3) for p in pairs]
         row["vs_llama_server"] = round(statistics.median(pairs), 3)
 
