@@ -54,3 +54,4 @@ bench: install
 	$(PY) bench/shared_prefix.py
 	$(PY) bench/conversation_turns.py
 	$(PY) bench/restore_vs_recompute.py
+	$(PY) bench/batch_order.py
