@@ -9,14 +9,17 @@ import secrets
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client.parser import text_string_to_metric_families
 
-from llamaq.protocol import Keys
+from llamaq.protocol import REQUEST_FIELD, Keys, Request, RequestKind, SamplingParams, encode_request
 from llamaq.worker.embedded_valkey import EmbeddedValkey
 from llamaq.worker.model_files import default_model_path
 from llamaq.worker.process_log import log_tail, wait_for_line
@@ -186,3 +189,38 @@ def worker_output(process: subprocess.Popen[bytes], last_lines: int = 40) -> str
 def keys_for(prefix: str) -> Keys:
     """Key names under a test's prefix."""
     return Keys(prefix=prefix)
+
+
+def worker_metrics_port(process: subprocess.Popen[bytes]) -> int:
+    """The port a worker process started by `worker_process` serves /metrics on (it prints it when ready)."""
+    path = WORKER_LOGS[process.pid]
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("metrics on http://"):
+            return int(line.rsplit(":", 1)[1].split("/", 1)[0])
+    raise AssertionError(f"worker {process.pid} printed no metrics address:\n{worker_output(process)}")
+
+
+def scrape_samples(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample a metrics server on loopback exposes, by name and labels (without `model`)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "model"))
+            samples[(sample.name, labels)] = sample.value
+    return samples
+
+
+def hand_made_request(client_id: str, request_id: str, prompt: str, max_tokens: int = 16, **fields: Any) -> Request:
+    """A greedy completion request with ids the test chose, as a client of another language would write it."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    return Request(
+        id=request_id, client_id=client_id, kind=RequestKind.COMPLETION, prompt=prompt, params=params, **fields
+    )
+
+
+async def enqueue_by_hand(redis: aioredis.Redis, keys: Keys, request: Request, stream: str | None = None) -> bytes:
+    """XADD a request entry straight to the request stream (or another stream, an inbox); its entry id."""
+    entry_id: bytes = await redis.xadd(stream or keys.requests, {REQUEST_FIELD: encode_request(request, keys)})
+    return entry_id

@@ -120,6 +120,7 @@ class Worker:
             publisher,
             conversations,
         )
+        intake.metrics = metrics
         self.monitor = monitor = Monitor(redis, settings, engine, engine_loop, metrics)
         health = self._health_server(monitor, metrics)
         try:
