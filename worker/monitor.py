@@ -47,6 +47,8 @@ class Monitor:
             started_at=time.time(),
         )
         self.group_joined = False
+        self.failure: str | None = None
+        """Why the worker is stopping after one of its parts died; it is then neither alive nor ready."""
         self._redis_ok_at: float | None = None
 
     async def run(self) -> None:
@@ -68,7 +70,13 @@ class Monitor:
             log.warning("heartbeat failed: %s", exc)
         state = self._engine_loop.state
         if state is not None:
-            entries = await asyncio.to_thread(state.swap.states.entries)
+            try:
+                entries = await asyncio.to_thread(state.swap.states.entries)
+            except OSError as exc:
+                # A broken state directory costs the swap tier, not the heartbeat.
+                log.warning("could not list the state directory: %s", exc)
+                self._metrics.count_state_dir_error("list")
+                return
             self._metrics.set_conversations_on_disk(len({entry.conversation for entry in entries}))
 
     async def leave(self) -> None:
@@ -77,11 +85,14 @@ class Monitor:
             await remove(self._redis, self._settings.keys, self.identity.worker)
 
     def alive(self) -> bool:
-        """Liveness: the engine thread runs (the process answering is the other half)."""
-        return self._engine_loop.alive
+        """Liveness: the engine thread runs and no part of the worker died (the process answering is the other
+        half)."""
+        return self.failure is None and self._engine_loop.alive
 
     def ready(self) -> tuple[bool, str]:
         """Readiness: model loaded and engine running, consumer group joined, Redis answered recently."""
+        if self.failure is not None:
+            return False, self.failure
         if not self._engine_loop.alive:
             return False, "engine thread not running"
         if not self.group_joined:

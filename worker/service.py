@@ -51,6 +51,7 @@ class Worker:
         self.monitor: Monitor | None = None
         self.intake: Intake | None = None
         self.health_port: int | None = None
+        self._publisher: Publisher | None = None
 
     def request_stop(self) -> None:
         """Begin a graceful shutdown; a second call cancels what is still running."""
@@ -108,6 +109,7 @@ class Worker:
         )
         publisher.engine_loop = engine_loop
         publisher.metrics = metrics
+        self._publisher = publisher
         self.engine_loop = engine_loop
         self.intake = intake = Intake(
             redis,
@@ -127,32 +129,67 @@ class Worker:
             await intake.join_group()
             monitor.group_joined = True
             engine_loop.start()
-            publishing = asyncio.create_task(publisher.run(), name="publisher")
-            reading = asyncio.create_task(intake.run(), name="intake")
-            monitoring = asyncio.create_task(monitor.run(), name="monitor")
             reclaimer = Reclaimer(redis, settings.keys, settings.consumer, lambda: intake.room, intake.accept_claimed)
-            reclaiming = asyncio.create_task(reclaimer.run(), name="reclaimer")
+            tasks = {
+                "publisher": asyncio.create_task(publisher.run(), name="publisher"),
+                "intake": asyncio.create_task(intake.run(), name="intake"),
+                "monitor": asyncio.create_task(monitor.run(), name="monitor"),
+                "reclaimer": asyncio.create_task(reclaimer.run(), name="reclaimer"),
+            }
             self._announce(url, engine)
             if health is not None:
                 self._say(f"metrics on http://{settings.metrics_host}:{health.port}/metrics")
             if on_ready is not None:
                 on_ready()
-            crashed = await self._wait_for_stop(engine_loop, reading)
-            monitoring.cancel()
-            reclaiming.cancel()
-            await monitor.leave()
-            intake.stop()
-            await reading
-            engine_loop.stop(settings.drain_timeout_s if self._stop_requests < 2 else 0.0)
-            await asyncio.to_thread(engine_loop.join)
-            publisher.close_threadsafe()
-            await publishing
+            failure = await self._wait_for_stop(engine_loop, tasks)
+            if failure is not None:
+                monitor.failure = failure
+                await self._abort(failure, engine_loop, monitor, tasks)
+                return 1
+            await self._shut_down(intake, engine_loop, monitor, publisher, tasks)
             self._say("llamaq worker stopped")
-            return 1 if crashed else 0
+            return 0
         finally:
             if health is not None:
                 health.stop()
             await redis.aclose()
+
+    async def _shut_down(
+        self,
+        intake: Intake,
+        engine_loop: EngineLoop,
+        monitor: Monitor,
+        publisher: Publisher,
+        tasks: dict[str, asyncio.Task[None]],
+    ) -> None:
+        """The graceful stop: read nothing more, finish (or after the drain timeout cancel) what runs, write it."""
+        tasks["monitor"].cancel()
+        tasks["reclaimer"].cancel()
+        await monitor.leave()
+        intake.stop()
+        await tasks["intake"]
+        engine_loop.stop(self.settings.drain_timeout_s if self._stop_requests < 2 else 0.0)
+        await asyncio.to_thread(engine_loop.join)
+        publisher.close_threadsafe()
+        await tasks["publisher"]
+
+    async def _abort(
+        self, failure: str, engine_loop: EngineLoop, monitor: Monitor, tasks: dict[str, asyncio.Task[None]]
+    ) -> None:
+        """Stop at once after a part died. When the engine thread crashed, the `internal` errors it emitted for
+        its requests are written; otherwise nothing more is, so the requests in flight stay pending and a live
+        worker resumes them once this one's heartbeat is gone (removed now rather than left to expire)."""
+        log.error("%s; the worker stops (exit code 1) so that its supervisor restarts it", failure)
+        self._say(f"llamaq worker failed: {failure}")
+        publishing = tasks["publisher"]
+        if not engine_loop.alive and not publishing.done() and self._publisher is not None:
+            self._publisher.close_threadsafe()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(publishing), timeout=10)
+        await _cancel_all(list(tasks.values()))
+        engine_loop.stop(drain_timeout_s=0.0)
+        await monitor.leave()
+        await asyncio.to_thread(engine_loop.join, 30)
 
     @property
     def intake_handed_over(self) -> int:
@@ -177,18 +214,22 @@ class Worker:
         swap = SwapTier(engine, StateDir(s.state_dir, s.state_dir_max_bytes), fingerprint, s.restore_tolerance)
         return lambda kv: StateKeeper(kv, swap, s.swap_min_tokens)
 
-    async def _wait_for_stop(self, engine_loop: EngineLoop, reading: asyncio.Task[None]) -> bool:
-        """Wait for a stop request; True if the engine thread or the intake died instead."""
+    async def _wait_for_stop(self, engine_loop: EngineLoop, tasks: dict[str, asyncio.Task[None]]) -> str | None:
+        """Wait for a stop request; what failed instead, if the engine thread or a task ended first."""
         assert self._stop_event is not None
-        while not self._stop_event.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop_event.wait(), timeout=1.0)
-            if not engine_loop.alive or reading.done():
-                log.error("the engine thread or the intake stopped unexpectedly; shutting down")
-                if reading.done() and reading.exception() is not None:
-                    log.error("intake failed", exc_info=reading.exception())
-                return True
-        return False
+        stop = asyncio.create_task(self._stop_event.wait())
+        try:
+            while not self._stop_event.is_set():
+                # The engine thread is polled; the tasks wake this wait as soon as one ends.
+                await asyncio.wait([stop, *tasks.values()], timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+                for name, task in tasks.items():
+                    if task.done():
+                        return _task_failure(name, task)
+                if not engine_loop.alive:
+                    return "the engine thread stopped unexpectedly"
+            return None
+        finally:
+            stop.cancel()
 
     def _announce(self, url: str, engine: Engine) -> None:
         s = self.settings
@@ -209,6 +250,26 @@ class Worker:
 
     def _say(self, line: str) -> None:
         print(line, file=self._out, flush=True)
+
+
+async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel tasks and wait until they have ended. Cancelled again while they run: redis-py can turn a
+    cancellation inside a command into a ConnectionError, which a retry loop then takes for a Redis hiccup."""
+    while not all(task.done() for task in tasks):
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks, timeout=0.5)
+
+
+def _task_failure(name: str, task: asyncio.Task[None]) -> str:
+    """Why a task that should run until shutdown ended, as one line (its traceback goes to the log)."""
+    if task.cancelled():
+        return f"the {name} task was cancelled"
+    error = task.exception()
+    if error is None:
+        return f"the {name} task returned"
+    log.error("the %s task failed", name, exc_info=error)
+    return f"the {name} task failed: {type(error).__name__}: {error}"
 
 
 def redacted(url: str) -> str:
