@@ -19,7 +19,17 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
-from llamaq.protocol import REQUEST_FIELD, Keys, Request, RequestKind, SamplingParams, encode_request
+from llamaq.protocol import (
+    EVENT_FIELD,
+    REQUEST_FIELD,
+    Event,
+    Keys,
+    Request,
+    RequestKind,
+    SamplingParams,
+    decode_event,
+    encode_request,
+)
 from llamaq.worker.embedded_valkey import EmbeddedValkey
 from llamaq.worker.model_files import default_model_path
 from llamaq.worker.process_log import log_tail, wait_for_line
@@ -27,6 +37,9 @@ from llamaq.worker.service import READY_LINE, Worker
 from llamaq.worker.settings import WorkerSettings
 
 REPO = Path(__file__).resolve().parent.parent
+FAILOVER_TTL_S = 4
+"""--heartbeat-ttl of tests that wait for one worker to take over from another: a few seconds instead of ten, and
+no less, since a loaded machine may delay a beat by a second or two."""
 
 
 @pytest.fixture(scope="session")
@@ -224,3 +237,9 @@ async def enqueue_by_hand(redis: aioredis.Redis, keys: Keys, request: Request, s
     """XADD a request entry straight to the request stream (or another stream, an inbox); its entry id."""
     entry_id: bytes = await redis.xadd(stream or keys.requests, {REQUEST_FIELD: encode_request(request, keys)})
     return entry_id
+
+
+async def reply_events(redis: aioredis.Redis, reply_key: str) -> list[Event]:
+    """Every event on a reply stream, read without consuming it (as a second reader would)."""
+    entries: Any = await redis.xrange(reply_key)
+    return [decode_event(fields[EVENT_FIELD]) for _, fields in entries]

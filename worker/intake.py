@@ -155,6 +155,18 @@ class Intake:
         """Serve an entry claimed from a dead worker: resumed after the events it had already published."""
         await self._accept_until_done(Entry(entry_id, stream, claimed=True), fields)
 
+    async def dead_letter(self, entry_id: bytes, fields: dict[bytes, bytes] | None, stream: str) -> None:
+        """Answer an entry delivered too often (every worker that took it died before answering) with
+        `internal`, ack it and count it, instead of serving it again."""
+        data = (fields or {}).get(REQUEST_FIELD)
+        reply_key = None if data is None else _identify_safely(data, self._keys, self._limits)
+        failure = ProtocolError(
+            ErrorCode.INTERNAL, "every worker that took this request stopped before answering it; it is not retried"
+        )
+        if self.metrics is not None:
+            self.metrics.count_dead_letter()
+        await self._reject(Entry(entry_id, stream, claimed=True), reply_key, failure)
+
     async def _accept(self, entry: Entry, fields: dict[bytes, bytes] | None) -> None:
         received_at = time.monotonic()
         data = (fields or {}).get(REQUEST_FIELD)

@@ -35,7 +35,8 @@ from llamaq.protocol import (
 from .conversations import ConversationStore
 from .engine_loop import EngineLoop, Outgoing, StepStats
 from .in_flight import InFlight, Ticket
-from .metrics import DROPPED_REDIS_ERROR, WorkerMetrics
+from .lease import Lease
+from .metrics import DROPPED_LEASE_LOST, DROPPED_REDIS_ERROR, WorkerMetrics
 from .redis_errors import Backoff, error_code, is_transient
 
 log = logging.getLogger("llamaq.publisher")
@@ -61,6 +62,8 @@ class _Write:
     """The number of the event this write carries, if it carries one."""
     final: bool = False
     """The event is the request's last."""
+    entry: tuple[str, bytes] | None = None
+    """The request entry (stream, id) the write answers for: fenced by the lease."""
 
 
 @dataclass
@@ -73,6 +76,8 @@ class _Outcome:
     """The first lasting error of each owner whose writes failed."""
     written: set[int] = field(default_factory=set)
     """Indexes of the writes Redis took."""
+    fenced: set[str] = field(default_factory=set)
+    """Owners whose entries another worker took over while this worker's lease had lapsed: not written."""
 
 
 class Publisher:
@@ -92,6 +97,9 @@ class Publisher:
         """Requests (by key) this publisher stopped writing for; their further events are dropped quietly."""
         self.engine_loop: EngineLoop | None = None
         self.metrics: WorkerMetrics | None = None
+        self.lease: Lease | None = None
+        """This worker's heartbeat lease; while it has lapsed nothing is written."""
+        self._regains_seen = 0
 
     def emit_threadsafe(self, outgoing: list[Outgoing], stats: StepStats | None) -> None:
         """Hand a step's events over from the engine thread."""
@@ -132,14 +140,13 @@ class Publisher:
         """Write the only event of an entry that never reached the engine, and ack it; False when its reply
         stream refused the event (the entry is acked all the same, and counted as dropped)."""
         written = True
+        held = (stream or self._keys.requests, entry_id)
         if reply_key is not None:
             owner = entry_id.decode(errors="replace")
-            writes = [
-                _Write(owner, partial(_xadd, reply_key, encode_event(event)), event.n, final=True),
-                _Write(owner, partial(_expire, reply_key, self._reply_ttl_s)),
-            ]
-            outcome = await self._execute(writes)
+            outcome = await self._execute(self._final_writes(owner, reply_key, event, held))
             written = 0 in outcome.written
+            if owner in outcome.fenced:
+                return False
             if not written:
                 self._count_dropped(owner, outcome.refused.get(owner))
         await self._ack_entries([(entry_id, stream)])
@@ -152,7 +159,7 @@ class Publisher:
         watched = [t for t in self._in_flight if t.request_key not in finishing and not t.cancel_sent]
         # Cancel checks ride on the step's round trip, so a cancel takes effect within one step.
         checks = len(writes)
-        writes += [_Write(t.request_key, partial(_exists, t.cancel_key)) for t in watched]
+        writes += [_Write(t.request_key, partial(_exists, t.cancel_key), entry=self._held(t)) for t in watched]
         outcome = await self._execute(writes)
         answered: list[Ticket] = []
         for index, write in enumerate(writes[:checks]):
@@ -166,7 +173,8 @@ class Publisher:
             ticket = self._in_flight.get(owner)
             if ticket is not None and ticket not in answered:
                 answered.append(await self._fail(ticket, error))
-        await self._ack_entries([(t.entry_id, t.stream or None) for t in answered])
+        for ticket in answered:
+            await self._ack_entries([(ticket.entry_id, ticket.stream or None)])
         for ticket in answered:
             self._in_flight.remove(ticket.request_key)
         for index, ticket in enumerate(watched, start=checks):
@@ -177,18 +185,24 @@ class Publisher:
     def _event_writes(self, addressed: list[tuple[Ticket, Outgoing]]) -> list[_Write]:
         """Each event's XADD (a finished turn's history first), then one EXPIRE per reply stream touched."""
         writes: list[_Write] = []
-        ttls: dict[str, tuple[str, int]] = {}
+        ttls: dict[str, tuple[Ticket, int]] = {}
         for ticket, item in addressed:
             owner = ticket.request_key
             if item.history is not None:
                 # Before the final event: a client that starts the next turn on seeing it finds the history.
-                writes.append(_Write(owner, partial(self._save_history, *item.history)))
+                writes.append(_Write(owner, partial(self._save_history, *item.history), entry=self._held(ticket)))
             writes.append(
-                _Write(owner, partial(_xadd, ticket.reply_key, encode_event(item.event)), item.event.n, item.final)
+                _Write(
+                    owner,
+                    partial(_xadd, ticket.reply_key, encode_event(item.event)),
+                    item.event.n,
+                    item.final,
+                    self._held(ticket),
+                )
             )
-            ttls[ticket.reply_key] = (owner, self._reply_ttl_s if item.final else _RUNNING_TTL_S)
-        for key, (owner, ttl) in ttls.items():
-            writes.append(_Write(owner, partial(_expire, key, ttl)))
+            ttls[ticket.reply_key] = (ticket, self._reply_ttl_s if item.final else _RUNNING_TTL_S)
+        for key, (ticket, ttl) in ttls.items():
+            writes.append(_Write(ticket.request_key, partial(_expire, key, ttl), entry=self._held(ticket)))
         return writes
 
     def _save_history(self, conversation: str, history: History, pipe: Pipeline) -> None:
@@ -204,17 +218,22 @@ class Publisher:
             self.engine_loop.cancel(ticket.request_key)
         # The reply names only the error code: the message and the command could echo another key's contents.
         event = ErrorEvent(n=ticket.next_event, code=ErrorCode.INTERNAL, message=f"Redis refused a write ({code})")
-        writes = [
-            _Write(ticket.request_key, partial(_xadd, ticket.reply_key, encode_event(event)), event.n, final=True),
-            _Write(ticket.request_key, partial(_expire, ticket.reply_key, self._reply_ttl_s)),
-        ]
-        outcome = await self._execute(writes)
+        outcome = await self._execute(
+            self._final_writes(ticket.request_key, ticket.reply_key, event, self._held(ticket))
+        )
         if 0 in outcome.written:
             if self.metrics is not None:
                 self.metrics.count_rejected(ErrorCode.INTERNAL.value)
-        else:
+        elif ticket.request_key not in outcome.fenced:  # a fenced one was counted as lost to another worker
             self._count_dropped(ticket.request_key, error)
         return ticket
+
+    def _final_writes(self, owner: str, reply_key: str, event: FinalEvent, held: tuple[str, bytes]) -> list[_Write]:
+        """The XADD of a request's final event (write 0) and its reply stream's TTL."""
+        return [
+            _Write(owner, partial(_xadd, reply_key, encode_event(event)), event.n, final=True, entry=held),
+            _Write(owner, partial(_expire, reply_key, self._reply_ttl_s), entry=held),
+        ]
 
     def _count_dropped(self, owner: str, error: BaseException | None) -> None:
         code = "unknown" if error is None else error_code(error)
@@ -242,8 +261,10 @@ class Publisher:
         writes = []
         for entry_id, stream in entries:
             name, owner = stream or self._keys.requests, entry_id.decode(errors="replace")
-            writes.append(_Write(owner, partial(_xack, name, self._keys.group, entry_id)))
-            writes.append(_Write(owner, partial(_xdel, name, entry_id)))
+            # XACK acks for the whole group: an entry another worker took over must not be acked from here.
+            held = (name, entry_id)
+            writes.append(_Write(owner, partial(_xack, name, self._keys.group, entry_id), entry=held))
+            writes.append(_Write(owner, partial(_xdel, name, entry_id), entry=held))
         if writes:
             outcome = await self._execute(writes)
             for owner, error in outcome.refused.items():
@@ -256,6 +277,13 @@ class Publisher:
         to_send = list(range(len(writes)))
         backoff = Backoff()
         while to_send:
+            if self.lease is not None and (self.lease.lapsed() or self.lease.regains != self._regains_seen):
+                await self._regain()
+                fenced = [index for index in to_send if not self._still_held(writes[index])]
+                outcome.fenced.update(writes[index].owner for index in fenced)
+                to_send = [index for index in to_send if index not in fenced]
+                if not to_send:
+                    break
             pipe = self._redis.pipeline(transaction=False)
             spans = []
             for index in to_send:
@@ -286,6 +314,35 @@ class Publisher:
                 self._retrying(first, backoff)
                 await backoff.wait()
         return outcome
+
+    def _held(self, ticket: Ticket) -> tuple[str, bytes]:
+        return (ticket.stream or self._keys.requests, ticket.entry_id)
+
+    def _still_held(self, write: _Write) -> bool:
+        return write.entry is None or self.lease is None or self.lease.still_holds(*write.entry)
+
+    async def _regain(self) -> None:
+        """Wait out a lapsed lease (the monitor takes it up again), then drop the requests another worker took."""
+        assert self.lease is not None
+        if self.lease.lapsed():
+            log.warning("this worker's heartbeat lease lapsed; publishing waits until it is renewed")
+            await self.lease.held()
+        if self.lease.regains == self._regains_seen:
+            return
+        self._regains_seen = self.lease.regains
+        for ticket in self._in_flight:
+            if not self.lease.still_holds(*self._held(ticket)):
+                self._lose(ticket)
+
+    def _lose(self, ticket: Ticket) -> None:
+        """Forget a request another worker took over: it answers it; this one writes nothing more for it."""
+        log.warning("request %s was taken over by another worker while this one's lease had lapsed", ticket.request_key)
+        self._given_up.add(ticket.request_key)
+        self._in_flight.remove(ticket.request_key)
+        if self.engine_loop is not None:
+            self.engine_loop.cancel(ticket.request_key)
+        if self.metrics is not None:
+            self.metrics.count_dropped(DROPPED_LEASE_LOST)
 
     def _retrying(self, error: BaseException, backoff: Backoff) -> None:
         code = error_code(error)

@@ -18,9 +18,11 @@ from .embedded_valkey import EmbeddedValkey
 from .engine import Engine
 from .engine_loop import EngineLoop
 from .health_server import HealthServer
+from .heartbeat import beat_interval_s
 from .in_flight import InFlight
 from .intake import Intake
 from .kv_cache import KvCache
+from .lease import Lease
 from .metrics import WorkerMetrics
 from .model_files import default_model_path, model_digest
 from .monitor import Monitor
@@ -123,13 +125,25 @@ class Worker:
             conversations,
         )
         intake.metrics = metrics
-        self.monitor = monitor = Monitor(redis, settings, engine, engine_loop, metrics)
+        ttl_s = settings.heartbeat_ttl_s
+        lease = Lease(ttl_s, margin_s=beat_interval_s(ttl_s))
+        publisher.lease = lease
+        self.monitor = monitor = Monitor(redis, settings, engine, engine_loop, metrics, lease, in_flight)
         health = self._health_server(monitor, metrics)
         try:
             await intake.join_group()
             monitor.group_joined = True
             engine_loop.start()
-            reclaimer = Reclaimer(redis, settings.keys, settings.consumer, lambda: intake.room, intake.accept_claimed)
+            reclaimer = Reclaimer(
+                redis,
+                settings.keys,
+                settings.consumer,
+                lambda: intake.room,
+                intake.accept_claimed,
+                dead_letter=intake.dead_letter,
+                max_deliveries=settings.max_deliveries,
+                ttl_s=settings.heartbeat_ttl_s,
+            )
             tasks = {
                 "publisher": asyncio.create_task(publisher.run(), name="publisher"),
                 "intake": asyncio.create_task(intake.run(), name="intake"),
@@ -162,16 +176,19 @@ class Worker:
         publisher: Publisher,
         tasks: dict[str, asyncio.Task[None]],
     ) -> None:
-        """The graceful stop: read nothing more, finish (or after the drain timeout cancel) what runs, write it."""
-        tasks["monitor"].cancel()
-        tasks["reclaimer"].cancel()
-        await monitor.leave()
+        """The graceful stop: read nothing more, finish (or after the drain timeout cancel) what runs, write it.
+
+        The heartbeat goes on until the last event is written: the requests draining are still this worker's,
+        and a heartbeat removed early would let other workers take them over (and fence this one)."""
+        await _cancel_all([tasks["reclaimer"]])
         intake.stop()
         await tasks["intake"]
         engine_loop.stop(self.settings.drain_timeout_s if self._stop_requests < 2 else 0.0)
         await asyncio.to_thread(engine_loop.join)
         publisher.close_threadsafe()
         await tasks["publisher"]
+        await _cancel_all([tasks["monitor"]])
+        await monitor.leave()
 
     async def _abort(
         self, failure: str, engine_loop: EngineLoop, monitor: Monitor, tasks: dict[str, asyncio.Task[None]]
