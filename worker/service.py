@@ -103,9 +103,9 @@ class Worker:
             redis, settings.keys, settings.conversation_ttl_s, detokenize, settings.consumer
         )
         publisher = Publisher(redis, settings.keys, in_flight, settings.reply_ttl_s, conversations)
-        state = await asyncio.to_thread(self._state_keeper_factory, engine)
         layout = "unified" if settings.kv_unified else "per-sequence"
         self.metrics = metrics = WorkerMetrics(engine.model_name, settings.consumer, kv_layout=layout)
+        state = await asyncio.to_thread(self._state_keeper_factory, engine, metrics)
         engine_loop = EngineLoop(
             engine, settings.n_batch, publisher.emit_threadsafe, settings.prefix_cache, state, metrics
         )
@@ -222,14 +222,14 @@ class Worker:
         self.health_port = server.port
         return server
 
-    def _state_keeper_factory(self, engine: Engine) -> Callable[[KvCache], StateKeeper] | None:
+    def _state_keeper_factory(self, engine: Engine, metrics: WorkerMetrics) -> Callable[[KvCache], StateKeeper] | None:
         """How the engine loop builds its swap tier, when a state directory is configured."""
         s = self.settings
         if s.state_dir is None:
             return None
         fingerprint = Fingerprint.of(model_digest(engine.config.model_path), **engine.config.kv_settings())
         swap = SwapTier(engine, StateDir(s.state_dir, s.state_dir_max_bytes), fingerprint, s.restore_tolerance)
-        return lambda kv: StateKeeper(kv, swap, s.swap_min_tokens)
+        return lambda kv: StateKeeper(kv, swap, s.swap_min_tokens, metrics)
 
     async def _wait_for_stop(self, engine_loop: EngineLoop, tasks: dict[str, asyncio.Task[None]]) -> str | None:
         """Wait for a stop request; what failed instead, if the engine thread or a task ended first."""
