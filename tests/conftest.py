@@ -149,8 +149,11 @@ WORKER_LOGS: dict[int, Path] = {}
 
 
 @contextlib.contextmanager
-def worker_process(redis_url: str, prefix: str, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
-    """A worker in its own process, started with the real `llamaq worker` command line.
+def worker_process(
+    redis_url: str, prefix: str, *extra: str, metrics_port: str | None = "0", env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A worker in its own process, started with the real `llamaq worker` command line (metrics on a free port
+    unless `metrics_port` says otherwise; None leaves the flag out, for the default).
 
     Its output goes to a file, never to a pipe: a pipe nobody reads after startup fills up, and the worker's next
     log line then blocks its event loop (no heartbeat, no replies) until it counts as dead.
@@ -172,14 +175,13 @@ def worker_process(redis_url: str, prefix: str, *extra: str) -> Iterator[subproc
         "256",
         "--threads",
         "2",
-        "--metrics-port",
-        "0",
+        *(["--metrics-port", metrics_port] if metrics_port is not None else []),
         *extra,
     ]
     with tempfile.NamedTemporaryFile(prefix="llamaq-worker-", suffix=".log", delete=False) as log:
         log_path = Path(log.name)
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         )
     WORKER_LOGS[process.pid] = log_path
     try:

@@ -11,11 +11,13 @@ from collections.abc import Callable
 from typing import TextIO
 from urllib.parse import urlsplit, urlunsplit
 
+import redis.asyncio as aioredis
+
 from llamaq.client.connection import open_redis
 
 from .conversations import ConversationStore
 from .embedded_valkey import EmbeddedValkey
-from .engine import Engine
+from .engine import Engine, EngineConfig
 from .engine_loop import EngineLoop
 from .health_server import HealthServer
 from .heartbeat import beat_interval_s
@@ -29,6 +31,15 @@ from .monitor import Monitor
 from .publisher import Publisher
 from .reclaimer import Reclaimer
 from .settings import WorkerSettings
+from .startup import (
+    STARTUP_FAILED_EXIT_CODE,
+    StartupError,
+    check_model_file,
+    check_redis,
+    check_state_dir,
+    joined,
+    start_health_server,
+)
 from .state_dir import StateDir
 from .state_file import Fingerprint
 from .state_keeper import StateKeeper
@@ -64,17 +75,44 @@ class Worker:
             self.engine_loop.stop(drain_timeout_s=0.0)
 
     async def run(self, on_ready: Callable[[], None] | None = None) -> int:
-        """Serve until request_stop(); return the process exit code."""
+        """Serve until request_stop(); return the process exit code. StartupError when it cannot start."""
         self._stop_event = asyncio.Event()
+        s = self.settings
         with contextlib.ExitStack() as stack:
-            url = self.settings.redis_url
+            try:
+                model_path = check_model_file(s.model_path or default_model_path())
+            except FileNotFoundError as exc:  # the default model's package is missing
+                raise StartupError(str(exc)) from exc
+            layout = "unified" if s.kv_unified else "per-sequence"
+            self.metrics = metrics = WorkerMetrics(model_path.stem, s.consumer, kv_layout=layout)
+            # The port first: a second worker on a host fails at once, and probes answer while the model loads.
+            health = None
+            if s.metrics_port is not None:
+                health = start_health_server(metrics, s.metrics_host, s.metrics_port, self._alive, self._ready)
+                stack.callback(health.stop)
+                self.health_port = health.port
+            if s.state_dir is not None:
+                check_state_dir(s.state_dir)
+            url = s.redis_url
             if url is None:
-                url = stack.enter_context(EmbeddedValkey()).url
+                url = stack.enter_context(_embedded_valkey()).url
                 self._say(f"started embedded Valkey at {url}")
-            model_path = self.settings.model_path or default_model_path()
-            engine = await asyncio.to_thread(Engine, self.settings.engine_config(model_path))
-            stack.callback(self._close_engine, engine)
-            return await self._serve(url, engine, on_ready)
+            redis = open_redis(url, health_check_interval=30)
+            try:
+                await check_redis(redis, redacted(url))
+                engine = await asyncio.to_thread(_load_engine, s.engine_config(model_path))
+                stack.callback(self._close_engine, engine)
+                return await self._serve(url, redis, engine, metrics, health, on_ready)
+            finally:
+                await redis.aclose()
+
+    def _alive(self) -> bool:
+        """Liveness: the monitor's answer once there is one (a loading worker is alive)."""
+        return True if self.monitor is None else self.monitor.alive()
+
+    def _ready(self) -> tuple[bool, str]:
+        """Readiness: the monitor's answer once there is one."""
+        return (False, "loading the model") if self.monitor is None else self.monitor.ready()
 
     def _close_engine(self, engine: Engine) -> None:
         """Free the model once the engine thread has stopped: freeing it under a running decode segfaults (as
@@ -87,9 +125,16 @@ class Worker:
                 return
         engine.close()
 
-    async def _serve(self, url: str, engine: Engine, on_ready: Callable[[], None] | None) -> int:
+    async def _serve(
+        self,
+        url: str,
+        redis: aioredis.Redis,
+        engine: Engine,
+        metrics: WorkerMetrics,
+        health: HealthServer | None,
+        on_ready: Callable[[], None] | None,
+    ) -> int:
         settings = self.settings
-        redis = open_redis(url, health_check_interval=30)
         in_flight = InFlight()
 
         async def detokenize(tokens: list[int]) -> str:
@@ -103,8 +148,6 @@ class Worker:
             redis, settings.keys, settings.conversation_ttl_s, detokenize, settings.consumer
         )
         publisher = Publisher(redis, settings.keys, in_flight, settings.reply_ttl_s, conversations)
-        layout = "unified" if settings.kv_unified else "per-sequence"
-        self.metrics = metrics = WorkerMetrics(engine.model_name, settings.consumer, kv_layout=layout)
         state = await asyncio.to_thread(self._state_keeper_factory, engine, metrics)
         engine_loop = EngineLoop(
             engine, settings.n_batch, publisher.emit_threadsafe, settings.prefix_cache, state, metrics
@@ -128,45 +171,40 @@ class Worker:
         ttl_s = settings.heartbeat_ttl_s
         lease = Lease(ttl_s, margin_s=beat_interval_s(ttl_s))
         publisher.lease = lease
-        self.monitor = monitor = Monitor(redis, settings, engine, engine_loop, metrics, lease, in_flight)
-        health = self._health_server(monitor, metrics)
-        try:
-            await intake.join_group()
-            monitor.group_joined = True
-            engine_loop.start()
-            reclaimer = Reclaimer(
-                redis,
-                settings.keys,
-                settings.consumer,
-                lambda: intake.room,
-                intake.accept_claimed,
-                dead_letter=intake.dead_letter,
-                max_deliveries=settings.max_deliveries,
-                ttl_s=settings.heartbeat_ttl_s,
-            )
-            tasks = {
-                "publisher": asyncio.create_task(publisher.run(), name="publisher"),
-                "intake": asyncio.create_task(intake.run(), name="intake"),
-                "monitor": asyncio.create_task(monitor.run(), name="monitor"),
-                "reclaimer": asyncio.create_task(reclaimer.run(), name="reclaimer"),
-            }
-            self._announce(url, engine)
-            if health is not None:
-                self._say(f"metrics on http://{settings.metrics_host}:{health.port}/metrics")
-            if on_ready is not None:
-                on_ready()
-            failure = await self._wait_for_stop(engine_loop, tasks)
-            if failure is not None:
-                monitor.failure = failure
-                await self._abort(failure, engine_loop, monitor, tasks)
-                return 1
-            await self._shut_down(intake, engine_loop, monitor, publisher, tasks)
-            self._say("llamaq worker stopped")
-            return 0
-        finally:
-            if health is not None:
-                health.stop()
-            await redis.aclose()
+        monitor = Monitor(redis, settings, engine, engine_loop, metrics, lease, in_flight)
+        await joined(intake.join_group(), redacted(url))
+        self.monitor = monitor
+        monitor.group_joined = True
+        engine_loop.start()
+        reclaimer = Reclaimer(
+            redis,
+            settings.keys,
+            settings.consumer,
+            lambda: intake.room,
+            intake.accept_claimed,
+            dead_letter=intake.dead_letter,
+            max_deliveries=settings.max_deliveries,
+            ttl_s=settings.heartbeat_ttl_s,
+        )
+        tasks = {
+            "publisher": asyncio.create_task(publisher.run(), name="publisher"),
+            "intake": asyncio.create_task(intake.run(), name="intake"),
+            "monitor": asyncio.create_task(monitor.run(), name="monitor"),
+            "reclaimer": asyncio.create_task(reclaimer.run(), name="reclaimer"),
+        }
+        if health is not None:
+            self._say(f"metrics on http://{settings.metrics_host}:{health.port}/metrics")
+        self._announce(url, engine)
+        if on_ready is not None:
+            on_ready()
+        failure = await self._wait_for_stop(engine_loop, tasks)
+        if failure is not None:
+            monitor.failure = failure
+            await self._abort(failure, engine_loop, monitor, tasks)
+            return 1
+        await self._shut_down(intake, engine_loop, monitor, publisher, tasks)
+        self._say("llamaq worker stopped")
+        return 0
 
     async def _shut_down(
         self,
@@ -212,15 +250,6 @@ class Worker:
     def intake_handed_over(self) -> int:
         """Conversation turns this worker handed to the worker that holds their KV."""
         return 0 if self.intake is None else self.intake.handed_over
-
-    def _health_server(self, monitor: Monitor, metrics: WorkerMetrics) -> HealthServer | None:
-        s = self.settings
-        if s.metrics_port is None:
-            return None
-        server = HealthServer(metrics, s.metrics_host, s.metrics_port, monitor.alive, monitor.ready)
-        server.start()
-        self.health_port = server.port
-        return server
 
     def _state_keeper_factory(self, engine: Engine, metrics: WorkerMetrics) -> Callable[[KvCache], StateKeeper] | None:
         """How the engine loop builds its swap tier, when a state directory is configured."""
@@ -289,6 +318,20 @@ def _task_failure(name: str, task: asyncio.Task[None]) -> str:
     return f"the {name} task failed: {type(error).__name__}: {error}"
 
 
+def _embedded_valkey() -> EmbeddedValkey:
+    try:
+        return EmbeddedValkey().start()
+    except RuntimeError as exc:
+        raise StartupError(f"could not start an embedded Valkey ({exc}): pass --redis-url") from exc
+
+
+def _load_engine(config: EngineConfig) -> Engine:
+    try:
+        return Engine(config)
+    except RuntimeError as exc:
+        raise StartupError(f"{exc}: check --model, --n-ctx, --parallel and --n-gpu-layers") from exc
+
+
 def redacted(url: str) -> str:
     """A Redis URL fit for logs: its password replaced by ***."""
     parts = urlsplit(url)
@@ -312,4 +355,8 @@ def run_worker(settings: WorkerSettings) -> int:
             loop.add_signal_handler(sig, worker.request_stop)
         return await worker.run()
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    except StartupError as exc:
+        print(f"llamaq worker: {exc}", file=sys.stderr, flush=True)
+        return STARTUP_FAILED_EXIT_CODE
