@@ -36,6 +36,9 @@ async def test_a_request_streaming_while_redis_is_out_of_memory_completes_and_th
                 await admin.config_set("maxmemory", used // 2)
                 with pytest.raises(OutOfMemoryError):
                     await admin.set("probe", "x")
+                # A client is told at once (deploy/README.md, "When Valkey is full"), rather than left waiting.
+                with pytest.raises(OutOfMemoryError):
+                    await client.submit(prompt="Refused while Redis is full", max_tokens=4)
                 await anyio.sleep(OUT_OF_MEMORY_S)
                 await admin.config_set("maxmemory", 0)
                 outcome: Completion | RequestFailed
