@@ -1,28 +1,24 @@
 """Events to Redis: one pipelined round trip per engine step, acks after final events, cancel checks.
 
-A Redis error fails only the request whose command it answered. Pipelines run with raise_on_error=False and
-every command's reply is looked at: an error of the server's state (out of memory, read-only replica, failed
-snapshot) is retried with backoff, the commands that succeeded not sent again; any other error (WRONGTYPE on a
-reply key the client replaced) ends that request alone, with an `internal` error event where its reply stream
-still takes one, else dropped and counted. Acks go in a second round trip, only for final events Redis took, so
-an entry is never acked before its answer is written.
+A Redis error fails only the request whose command it answered (pipelined_writes.py looks at every reply): an
+error of the server's state (out of memory, read-only replica, failed snapshot) is retried with backoff, the
+commands that succeeded not sent again; any other error (WRONGTYPE on a reply key the client replaced) ends that
+request alone, with an `internal` error event where its reply stream still takes one, else dropped and counted.
+Acks go in a second round trip, only for final events Redis took, so an entry is never acked before its answer
+is written. While this worker's heartbeat lease has lapsed nothing is written at all (lease.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from llamaq.protocol import (
-    EVENT_FIELD,
     ErrorCode,
     ErrorEvent,
     FinalEvent,
@@ -37,7 +33,8 @@ from .engine_loop import EngineLoop, Outgoing, StepStats
 from .in_flight import InFlight, Ticket
 from .lease import Lease
 from .metrics import DROPPED_LEASE_LOST, DROPPED_REDIS_ERROR, WorkerMetrics
-from .redis_errors import Backoff, error_code, is_transient
+from .pipelined_writes import Outcome, Write, exists, expire, write_all, xack, xadd, xdel
+from .redis_errors import Backoff, error_code
 
 log = logging.getLogger("llamaq.publisher")
 
@@ -49,35 +46,6 @@ _RUNNING_TTL_S = 3600
 class _Batch:
     outgoing: list[Outgoing] = field(default_factory=list)
     last: bool = False
-
-
-@dataclass
-class _Write:
-    """Commands of one round trip that belong to one request (`owner`: its key, or an entry id); an event's
-    XADD is a write of its own, since it is the one command that must not be sent twice."""
-
-    owner: str
-    add: Callable[[Pipeline], object]
-    n: int | None = None
-    """The number of the event this write carries, if it carries one."""
-    final: bool = False
-    """The event is the request's last."""
-    entry: tuple[str, bytes] | None = None
-    """The request entry (stream, id) the write answers for: fenced by the lease."""
-
-
-@dataclass
-class _Outcome:
-    """What Redis did with a round trip's writes."""
-
-    replies: dict[int, object] = field(default_factory=dict)
-    """Each successful write's last reply, by its index."""
-    refused: dict[str, BaseException] = field(default_factory=dict)
-    """The first lasting error of each owner whose writes failed."""
-    written: set[int] = field(default_factory=set)
-    """Indexes of the writes Redis took."""
-    fenced: set[str] = field(default_factory=set)
-    """Owners whose entries another worker took over while this worker's lease had lapsed: not written."""
 
 
 class Publisher:
@@ -159,7 +127,7 @@ class Publisher:
         watched = [t for t in self._in_flight if t.request_key not in finishing and not t.cancel_sent]
         # Cancel checks ride on the step's round trip, so a cancel takes effect within one step.
         checks = len(writes)
-        writes += [_Write(t.request_key, partial(_exists, t.cancel_key), entry=self._held(t)) for t in watched]
+        writes += [Write(t.request_key, partial(exists, t.cancel_key), entry=self._held(t)) for t in watched]
         outcome = await self._execute(writes)
         answered: list[Ticket] = []
         for index, write in enumerate(writes[:checks]):
@@ -182,19 +150,19 @@ class Publisher:
                 ticket.cancel_sent = True
                 self.engine_loop.cancel(ticket.request_key)
 
-    def _event_writes(self, addressed: list[tuple[Ticket, Outgoing]]) -> list[_Write]:
+    def _event_writes(self, addressed: list[tuple[Ticket, Outgoing]]) -> list[Write]:
         """Each event's XADD (a finished turn's history first), then one EXPIRE per reply stream touched."""
-        writes: list[_Write] = []
+        writes: list[Write] = []
         ttls: dict[str, tuple[Ticket, int]] = {}
         for ticket, item in addressed:
             owner = ticket.request_key
             if item.history is not None:
                 # Before the final event: a client that starts the next turn on seeing it finds the history.
-                writes.append(_Write(owner, partial(self._save_history, *item.history), entry=self._held(ticket)))
+                writes.append(Write(owner, partial(self._save_history, *item.history), entry=self._held(ticket)))
             writes.append(
-                _Write(
+                Write(
                     owner,
-                    partial(_xadd, ticket.reply_key, encode_event(item.event)),
+                    partial(xadd, ticket.reply_key, encode_event(item.event)),
                     item.event.n,
                     item.final,
                     self._held(ticket),
@@ -202,7 +170,7 @@ class Publisher:
             )
             ttls[ticket.reply_key] = (ticket, self._reply_ttl_s if item.final else _RUNNING_TTL_S)
         for key, (ticket, ttl) in ttls.items():
-            writes.append(_Write(ticket.request_key, partial(_expire, key, ttl), entry=self._held(ticket)))
+            writes.append(Write(ticket.request_key, partial(expire, key, ttl), entry=self._held(ticket)))
         return writes
 
     def _save_history(self, conversation: str, history: History, pipe: Pipeline) -> None:
@@ -228,11 +196,11 @@ class Publisher:
             self._count_dropped(ticket.request_key, error)
         return ticket
 
-    def _final_writes(self, owner: str, reply_key: str, event: FinalEvent, held: tuple[str, bytes]) -> list[_Write]:
+    def _final_writes(self, owner: str, reply_key: str, event: FinalEvent, held: tuple[str, bytes]) -> list[Write]:
         """The XADD of a request's final event (write 0) and its reply stream's TTL."""
         return [
-            _Write(owner, partial(_xadd, reply_key, encode_event(event)), event.n, final=True, entry=held),
-            _Write(owner, partial(_expire, reply_key, self._reply_ttl_s), entry=held),
+            Write(owner, partial(xadd, reply_key, encode_event(event)), event.n, final=True, entry=held),
+            Write(owner, partial(expire, reply_key, self._reply_ttl_s), entry=held),
         ]
 
     def _count_dropped(self, owner: str, error: BaseException | None) -> None:
@@ -263,63 +231,32 @@ class Publisher:
             name, owner = stream or self._keys.requests, entry_id.decode(errors="replace")
             # XACK acks for the whole group: an entry another worker took over must not be acked from here.
             held = (name, entry_id)
-            writes.append(_Write(owner, partial(_xack, name, self._keys.group, entry_id), entry=held))
-            writes.append(_Write(owner, partial(_xdel, name, entry_id), entry=held))
+            writes.append(Write(owner, partial(xack, name, self._keys.group, entry_id), entry=held))
+            writes.append(Write(owner, partial(xdel, name, entry_id), entry=held))
         if writes:
             outcome = await self._execute(writes)
             for owner, error in outcome.refused.items():
                 log.error("could not ack entry %s (%s)", owner, error_code(error))
 
-    async def _execute(self, writes: list[_Write]) -> _Outcome:
-        """Send the writes in one pipeline, again (with backoff) those that met an error the server recovers
-        from, until each is taken or refused for good."""
-        outcome = _Outcome()
-        to_send = list(range(len(writes)))
-        backoff = Backoff()
-        while to_send:
-            if self.lease is not None and (self.lease.lapsed() or self.lease.regains != self._regains_seen):
-                await self._regain()
-                fenced = [index for index in to_send if not self._still_held(writes[index])]
-                outcome.fenced.update(writes[index].owner for index in fenced)
-                to_send = [index for index in to_send if index not in fenced]
-                if not to_send:
-                    break
-            pipe = self._redis.pipeline(transaction=False)
-            spans = []
-            for index in to_send:
-                start = len(pipe)
-                writes[index].add(pipe)
-                spans.append((index, start, len(pipe)))
-            try:
-                replies: list[object] = await pipe.execute(raise_on_error=False)
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                # Replaying the pipeline may write an event twice; clients drop duplicates by event number.
-                self._retrying(exc, backoff)
-                await backoff.wait()
-                continue
-            retry: list[int] = []
-            for index, start, end in spans:
-                owner = writes[index].owner
-                errors = [r for r in replies[start:end] if isinstance(r, BaseException)]
-                if not errors:
-                    outcome.written.add(index)
-                    outcome.replies[index] = replies[end - 1] if end > start else None
-                elif all(is_transient(e) for e in errors):
-                    retry.append(index)
-                else:
-                    outcome.refused.setdefault(owner, next(e for e in errors if not is_transient(e)))
-            to_send = [index for index in retry if writes[index].owner not in outcome.refused]
-            if to_send:
-                first = next(r for r in replies if isinstance(r, BaseException))
-                self._retrying(first, backoff)
-                await backoff.wait()
-        return outcome
+    async def _execute(self, writes: list[Write]) -> Outcome:
+        fence = None if self.lease is None else self
+        return await write_all(self._redis, writes, fence, self._retrying)
+
+    def fence_needed(self) -> bool:
+        """Fence: the lease lapsed, or was taken up again since this publisher last looked."""
+        assert self.lease is not None
+        return self.lease.lapsed() or self.lease.regains != self._regains_seen
+
+    async def settle(self) -> None:
+        """Fence: wait out a lapsed lease, then drop the requests another worker took meanwhile."""
+        await self._regain()
+
+    def holds(self, entry: tuple[str, bytes]) -> bool:
+        """Fence: whether this worker still holds a request entry."""
+        return self.lease is None or self.lease.still_holds(*entry)
 
     def _held(self, ticket: Ticket) -> tuple[str, bytes]:
         return (ticket.stream or self._keys.requests, ticket.entry_id)
-
-    def _still_held(self, write: _Write) -> bool:
-        return write.entry is None or self.lease is None or self.lease.still_holds(*write.entry)
 
     async def _regain(self) -> None:
         """Wait out a lapsed lease (the monitor takes it up again), then drop the requests another worker took."""
@@ -349,26 +286,3 @@ class Publisher:
         log.warning("publishing failed (%s); retrying in %.2fs", code, backoff.delay_s)
         if self.metrics is not None:
             self.metrics.count_redis_retry(code)
-
-
-# The commands of a write, bound to their keys by functools.partial and added to a pipeline when it is built.
-
-
-def _xadd(key: str, data: bytes, pipe: Pipeline) -> object:
-    return pipe.xadd(key, {EVENT_FIELD: data})
-
-
-def _expire(key: str, ttl_s: int, pipe: Pipeline) -> object:
-    return pipe.expire(key, ttl_s)
-
-
-def _exists(key: str, pipe: Pipeline) -> object:
-    return pipe.exists(key)
-
-
-def _xack(stream: str, group: str, entry_id: bytes, pipe: Pipeline) -> object:
-    return pipe.xack(stream, group, entry_id)
-
-
-def _xdel(stream: str, entry_id: bytes, pipe: Pipeline) -> object:
-    return pipe.xdel(stream, entry_id)

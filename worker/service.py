@@ -16,8 +16,7 @@ import redis.asyncio as aioredis
 from llamaq.client.connection import open_redis
 
 from .conversations import ConversationStore
-from .embedded_valkey import EmbeddedValkey
-from .engine import Engine, EngineConfig
+from .engine import Engine
 from .engine_loop import EngineLoop
 from .health_server import HealthServer
 from .heartbeat import beat_interval_s
@@ -37,7 +36,9 @@ from .startup import (
     check_model_file,
     check_redis,
     check_state_dir,
+    embedded_valkey,
     joined,
+    load_engine,
     start_health_server,
 )
 from .state_dir import StateDir
@@ -95,12 +96,12 @@ class Worker:
                 check_state_dir(s.state_dir)
             url = s.redis_url
             if url is None:
-                url = stack.enter_context(_embedded_valkey()).url
+                url = stack.enter_context(embedded_valkey()).url
                 self._say(f"started embedded Valkey at {url}")
             redis = open_redis(url, health_check_interval=30)
             try:
                 await check_redis(redis, redacted(url))
-                engine = await asyncio.to_thread(_load_engine, s.engine_config(model_path))
+                engine = await asyncio.to_thread(load_engine, s.engine_config(model_path))
                 stack.callback(self._close_engine, engine)
                 return await self._serve(url, redis, engine, metrics, health, on_ready)
             finally:
@@ -316,20 +317,6 @@ def _task_failure(name: str, task: asyncio.Task[None]) -> str:
         return f"the {name} task returned"
     log.error("the %s task failed", name, exc_info=error)
     return f"the {name} task failed: {type(error).__name__}: {error}"
-
-
-def _embedded_valkey() -> EmbeddedValkey:
-    try:
-        return EmbeddedValkey().start()
-    except RuntimeError as exc:
-        raise StartupError(f"could not start an embedded Valkey ({exc}): pass --redis-url") from exc
-
-
-def _load_engine(config: EngineConfig) -> Engine:
-    try:
-        return Engine(config)
-    except RuntimeError as exc:
-        raise StartupError(f"{exc}: check --model, --n-ctx, --parallel and --n-gpu-layers") from exc
 
 
 def redacted(url: str) -> str:

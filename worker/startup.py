@@ -16,6 +16,8 @@ from pathlib import Path
 import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
+from .embedded_valkey import EmbeddedValkey
+from .engine import Engine, EngineConfig
 from .health_server import HealthServer, Liveness, Readiness
 from .metrics import WorkerMetrics
 
@@ -95,6 +97,22 @@ async def joined(joining: Awaitable[None], shown_url: str) -> None:
             f"Redis at {shown_url} refused to create the queue's consumer group ({exc}): check the worker's ACL "
             "user, --prefix and --queue"
         ) from exc
+
+
+def embedded_valkey() -> EmbeddedValkey:
+    """A started private Valkey, for a worker given no Redis URL."""
+    try:
+        return EmbeddedValkey().start()
+    except RuntimeError as exc:
+        raise StartupError(f"could not start an embedded Valkey ({exc}): pass --redis-url") from exc
+
+
+def load_engine(config: EngineConfig) -> Engine:
+    """The model and its context, loaded; StartupError when llama.cpp refuses them."""
+    try:
+        return Engine(config)
+    except RuntimeError as exc:
+        raise StartupError(f"{exc}: check --model, --n-ctx, --parallel and --n-gpu-layers") from exc
 
 
 def _reason(exc: OSError) -> str:
