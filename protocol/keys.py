@@ -87,3 +87,7 @@ class Keys:
     def owner(self, conversation_id: str) -> str:
         """Which worker holds a conversation's KV (valid while that worker's heartbeat lives)."""
         return f"{self.prefix}:{{v:{conversation_id}}}:owner"
+
+    def taken(self, worker: str) -> str:
+        """The set of a worker's request entries that other workers claimed while its heartbeat was missing."""
+        return f"{self.prefix}:{{q:{self.queue}}}:taken:{worker}"

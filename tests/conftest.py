@@ -9,14 +9,27 @@ import secrets
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client.parser import text_string_to_metric_families
 
-from llamaq.protocol import Keys
+from llamaq.protocol import (
+    EVENT_FIELD,
+    REQUEST_FIELD,
+    Event,
+    Keys,
+    Request,
+    RequestKind,
+    SamplingParams,
+    decode_event,
+    encode_request,
+)
 from llamaq.worker.embedded_valkey import EmbeddedValkey
 from llamaq.worker.model_files import default_model_path
 from llamaq.worker.process_log import log_tail, wait_for_line
@@ -24,6 +37,9 @@ from llamaq.worker.service import READY_LINE, Worker
 from llamaq.worker.settings import WorkerSettings
 
 REPO = Path(__file__).resolve().parent.parent
+FAILOVER_TTL_S = 4
+"""--heartbeat-ttl of tests that wait for one worker to take over from another: a few seconds instead of ten, and
+no less, since a loaded machine may delay a beat by a second or two."""
 
 
 @pytest.fixture(scope="session")
@@ -133,8 +149,11 @@ WORKER_LOGS: dict[int, Path] = {}
 
 
 @contextlib.contextmanager
-def worker_process(redis_url: str, prefix: str, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
-    """A worker in its own process, started with the real `llamaq worker` command line.
+def worker_process(
+    redis_url: str, prefix: str, *extra: str, metrics_port: str | None = "0", env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A worker in its own process, started with the real `llamaq worker` command line (metrics on a free port
+    unless `metrics_port` says otherwise; None leaves the flag out, for the default).
 
     Its output goes to a file, never to a pipe: a pipe nobody reads after startup fills up, and the worker's next
     log line then blocks its event loop (no heartbeat, no replies) until it counts as dead.
@@ -156,14 +175,13 @@ def worker_process(redis_url: str, prefix: str, *extra: str) -> Iterator[subproc
         "256",
         "--threads",
         "2",
-        "--metrics-port",
-        "0",
+        *(["--metrics-port", metrics_port] if metrics_port is not None else []),
         *extra,
     ]
     with tempfile.NamedTemporaryFile(prefix="llamaq-worker-", suffix=".log", delete=False) as log:
         log_path = Path(log.name)
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         )
     WORKER_LOGS[process.pid] = log_path
     try:
@@ -186,3 +204,44 @@ def worker_output(process: subprocess.Popen[bytes], last_lines: int = 40) -> str
 def keys_for(prefix: str) -> Keys:
     """Key names under a test's prefix."""
     return Keys(prefix=prefix)
+
+
+def worker_metrics_port(process: subprocess.Popen[bytes]) -> int:
+    """The port a worker process started by `worker_process` serves /metrics on (it prints it when ready)."""
+    path = WORKER_LOGS[process.pid]
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("metrics on http://"):
+            return int(line.rsplit(":", 1)[1].split("/", 1)[0])
+    raise AssertionError(f"worker {process.pid} printed no metrics address:\n{worker_output(process)}")
+
+
+def scrape_samples(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample a metrics server on loopback exposes, by name and labels (without `model`)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "model"))
+            samples[(sample.name, labels)] = sample.value
+    return samples
+
+
+def hand_made_request(client_id: str, request_id: str, prompt: str, max_tokens: int = 16, **fields: Any) -> Request:
+    """A greedy completion request with ids the test chose, as a client of another language would write it."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    return Request(
+        id=request_id, client_id=client_id, kind=RequestKind.COMPLETION, prompt=prompt, params=params, **fields
+    )
+
+
+async def enqueue_by_hand(redis: aioredis.Redis, keys: Keys, request: Request, stream: str | None = None) -> bytes:
+    """XADD a request entry straight to the request stream (or another stream, an inbox); its entry id."""
+    entry_id: bytes = await redis.xadd(stream or keys.requests, {REQUEST_FIELD: encode_request(request, keys)})
+    return entry_id
+
+
+async def reply_events(redis: aioredis.Redis, reply_key: str) -> list[Event]:
+    """Every event on a reply stream, read without consuming it (as a second reader would)."""
+    entries: Any = await redis.xrange(reply_key)
+    return [decode_event(fields[EVENT_FIELD]) for _, fields in entries]

@@ -69,6 +69,12 @@ def exercise_worker(metrics: WorkerMetrics) -> None:
     metrics.count_restore_check_failure()
     metrics.count_restore_refused("corrupt")
     metrics.count_decode_retry()
+    metrics.count_dropped("redis_error")
+    metrics.count_redis_retry("OOM")
+    metrics.count_dead_letter()
+    metrics.count_resume_refused()
+    metrics.count_state_dir_error("restore")
+    metrics.count_lease_lapse()
 
 
 def exercise_gateway(metrics: GatewayMetrics) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
+import redis
 import yaml
 from aiohttp import web
 
@@ -30,6 +31,7 @@ from llamaq.client.gateway_routes import Gateway
 from llamaq.protocol import Keys
 from llamaq.worker import model_files
 from llamaq.worker.cli import _parser
+from llamaq.worker.embedded_valkey import EmbeddedValkey
 from llamaq.worker.health_server import DEFAULT_PORT, HealthServer
 from llamaq.worker.metrics import WorkerMetrics
 from llamaq.worker.model_files import DEFAULT_MODEL_FILE
@@ -987,3 +989,49 @@ def test_service_monitors_scrape_workers_and_gateways_as_the_alerts_select_them(
         assert relabel[("__meta_kubernetes_pod_name",)] == "instance"
         scraped.add(job)
     assert scraped == jobs
+
+
+VALKEY_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1024, "m": 1000**2, "mb": 1024**2, "g": 1000**3, "gb": 1024**3}
+K8S_UNITS = {"": 1, "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "K": 1000, "M": 1000**2, "G": 1000**3}
+
+
+def byte_size(value: str, units: dict[str, int]) -> int:
+    """A size as Valkey (1gb, 512mb) or Kubernetes (2Gi) writes it, in bytes."""
+    match = re.fullmatch(r"(\d+)([A-Za-z]*)", str(value))
+    assert match is not None and match.group(2) in units, value
+    return int(match.group(1)) * units[match.group(2)]
+
+
+def option(arguments: list[str], name: str) -> str:
+    assert name in arguments, (name, arguments)
+    return arguments[arguments.index(name) + 1]
+
+
+def valkey_arguments() -> dict[str, list[str]]:
+    """valkey-server's arguments in compose and in the Kubernetes StatefulSet."""
+    (k8s,) = [c for _, c in pod_containers() if c["name"] == "valkey"]
+    return {"compose": [str(a) for a in compose()["services"]["valkey"]["command"]], "k8s": list(k8s["args"])}
+
+
+def test_valkey_has_a_memory_limit_and_refuses_writes_rather_than_evict() -> None:
+    """Eviction would drop queued requests, pending entries and histories without a word; with noeviction a
+    full Valkey refuses writes, which workers wait out (tests/test_redis_out_of_memory.py)."""
+    for where, arguments in valkey_arguments().items():
+        assert option(arguments, "--maxmemory-policy") == "noeviction", where
+        assert byte_size(option(arguments, "--maxmemory"), VALKEY_UNITS) >= 256 * 1024**2, where
+    (k8s,) = [c for _, c in pod_containers() if c["name"] == "valkey"]
+    limit = byte_size(k8s["resources"]["limits"]["memory"], K8S_UNITS)
+    # An AOF rewrite forks: the child's copy-on-write pages count against the container's limit too.
+    assert byte_size(option(valkey_arguments()["k8s"], "--maxmemory"), VALKEY_UNITS) <= limit // 2
+
+
+def test_a_real_valkey_takes_the_memory_settings_as_written() -> None:
+    arguments = valkey_arguments()["compose"]
+    memory = [a for name in ("--maxmemory", "--maxmemory-policy") for a in (name, option(arguments, name))]
+    with EmbeddedValkey(extra_args=tuple(memory)) as valkey:
+        client = redis.Redis.from_url(valkey.url)
+        try:
+            assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+            assert int(client.config_get("maxmemory")["maxmemory"]) == byte_size(memory[1], VALKEY_UNITS)
+        finally:
+            client.close()

@@ -11,6 +11,7 @@ import functools
 import json
 import re
 import shutil
+import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -88,6 +89,14 @@ def test_exposition_holds_what_the_worker_recorded() -> None:
     assert value(metrics, "llamaq_restore_check_failures_total") == 1
     assert value(metrics, "llamaq_restore_refused_total", reason="corrupt") == 1
     assert value(metrics, "llamaq_decode_retries_total") == 1
+    assert value(metrics, "llamaq_requests_dropped_total", reason="redis_error") == 1
+    assert value(metrics, "llamaq_requests_dropped_total", reason="lease_lost") == 0
+    assert value(metrics, "llamaq_redis_retries_total", error="OOM") == 1
+    assert value(metrics, "llamaq_dead_letters_total") == 1
+    assert value(metrics, "llamaq_resumes_refused_total") == 1
+    assert value(metrics, "llamaq_state_dir_errors_total", operation="restore") == 1
+    assert value(metrics, "llamaq_state_dir_errors_total", operation="save") == 0
+    assert value(metrics, "llamaq_lease_lapses_total") == 1
     assert value(metrics, "llamaq_worker_info", worker="host-1-abc", kv_layout="unified") == 1
 
 
@@ -638,3 +647,19 @@ def test_promtool_fires_the_gateway_alerts_when_they_should(tmp_path: Path) -> N
         yaml.safe_dump({"rule_files": [str(DEPLOY / "alerts.yml")], "evaluation_interval": "1m", "tests": scenarios})
     )
     promtool("test", "rules", test_file)
+
+
+def test_a_connection_that_sends_nothing_is_closed_and_probes_still_answer() -> None:
+    """Each connection holds a thread of the server: one that connects and says nothing (or half a request)
+    must lose it after the socket timeout, not keep it for ever."""
+    metrics = WorkerMetrics("m", "w", kv_layout="unified")
+    with HealthServer(metrics, "127.0.0.1", 0, lambda: True, lambda: (True, "ready"), socket_timeout_s=0.5) as server:
+        silent = socket.create_connection(("127.0.0.1", server.port))
+        halfway = socket.create_connection(("127.0.0.1", server.port))
+        halfway.sendall(b"GET /heal")
+        assert get(server, "/healthz")[0] == 200, "others are answered meanwhile"
+        for connection in (silent, halfway):
+            with connection:
+                # Without a server-side timeout this recv waits its own 30 s out and raises TimeoutError.
+                connection.settimeout(30)
+                assert connection.recv(1024) == b"", "the server closed the connection"

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import anyio
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from llamaq.client import Client, RequestFailed
 from llamaq.protocol import ErrorCode, Keys
@@ -19,7 +18,7 @@ from llamaq.worker.state_dir import StateKind
 from llamaq.worker.state_file import decode_state, encode_state
 from llamaq.worker.status import collect_status
 
-from .conftest import running_worker, wait_until_idle, worker_settings
+from .conftest import running_worker, scrape_samples, wait_until_idle, worker_settings
 
 pytestmark = pytest.mark.slow
 
@@ -35,14 +34,7 @@ def http_get(port: int, path: str) -> tuple[int, str]:
 async def scrape(worker: Worker) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample of the worker's /metrics, by name and labels (without `model`)."""
     assert worker.health_port is not None
-    status, text = await anyio.to_thread.run_sync(http_get, worker.health_port, "/metrics")
-    assert status == 200
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "model"))
-            samples[(sample.name, labels)] = sample.value
-    return samples
+    return await anyio.to_thread.run_sync(scrape_samples, worker.health_port)
 
 
 def chat(text: str) -> list[dict[str, str]]:

@@ -24,6 +24,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from llamaq.client import Client
 from llamaq.protocol import Keys
 from llamaq.worker.embedded_valkey import free_port
+from llamaq.worker.startup import StartupError
 
 from .conftest import running_worker, worker_settings
 from .private_server import ServerExited, embedded_valkey_binary, private_server
@@ -70,9 +71,10 @@ async def test_password_protected_server(model_path: Path, prefix: str) -> None:
                 with anyio.fail_after(15), pytest.raises(AuthenticationError):
                     async with Client.from_url(bad, prefix=prefix) as client:
                         await client.completion(PROMPT, max_tokens=2)
-        with anyio.fail_after(60), pytest.raises(AuthenticationError):
+        with anyio.fail_after(60), pytest.raises(StartupError, match="refused the credentials") as refused:
             async with running_worker(worker_settings(url(port, ":wrong-password"), model_path, prefix)):
                 pytest.fail("a worker with a wrong password must not become ready")
+        assert isinstance(refused.value.__cause__, AuthenticationError)
 
 
 def acl_file_without_comments(directory: Path) -> Path:

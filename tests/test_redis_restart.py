@@ -12,7 +12,7 @@ from llamaq.client import Client, Completion, RequestFailed
 from llamaq.protocol import ErrorCode
 from llamaq.worker.embedded_valkey import EmbeddedValkey
 
-from .conftest import running_worker, worker_settings
+from .conftest import running_worker, scrape_samples, worker_settings
 
 pytestmark = pytest.mark.slow
 
@@ -61,3 +61,29 @@ async def test_requests_in_flight_during_a_redis_restart_end_clearly_and_the_wor
     assert all(f.code is ErrorCode.INTERNAL for f in failures)
     assert any("lost" in str(f) for f in failures)
     assert after.usage.completion_tokens > 0
+
+
+async def test_a_request_streaming_through_a_redis_outage_longer_than_the_lease_completes(
+    model_path: Path, prefix: str
+) -> None:
+    """The worker's lease lapses while Redis is down; back, Redis has lost everything, so nobody took the
+    request from it: it goes on serving (fencing drops only what another worker claimed)."""
+    valkey = EmbeddedValkey().start()
+    port = valkey.port
+    settings = worker_settings(valkey.url, model_path, prefix, heartbeat_ttl_s=2)
+    try:
+        async with running_worker(settings) as worker, Client.from_url(valkey.url, prefix=prefix) as client:
+            handle = await client.submit(prompt="Count from 1 to 200: 1, 2, 3,", max_tokens=96, temperature=0)
+            async with handle:
+                await anext(aiter(handle))
+                valkey.stop()
+                await anyio.sleep(3.0)
+                valkey = EmbeddedValkey(port=port).start()
+                with anyio.fail_after(120):
+                    result = await handle.result()
+            assert worker.health_port is not None
+            samples = await anyio.to_thread.run_sync(scrape_samples, worker.health_port)
+    finally:
+        valkey.stop()
+    assert result.usage.completion_tokens == 96
+    assert samples[("llamaq_lease_lapses_total", ())] >= 1

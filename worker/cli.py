@@ -87,6 +87,20 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--metrics-host", default="0.0.0.0", help="address the metrics server binds")
     worker.add_argument("--no-metrics", action="store_true", help="serve no metrics or health endpoints")
     worker.add_argument(
+        "--heartbeat-ttl",
+        type=int,
+        default=10,
+        help="seconds a worker's heartbeat lives: one silent this long is taken over by the others (and, if it "
+        "was only paused, stops publishing until it knows what is still its own); the same on every worker",
+    )
+    worker.add_argument(
+        "--max-deliveries",
+        type=int,
+        default=3,
+        help="deliveries of a request after which it is answered `internal` instead of served again (each "
+        "worker that took it died); 0: no limit",
+    )
+    worker.add_argument(
         "--restore-tolerance",
         type=float,
         default=0.0,
@@ -237,6 +251,8 @@ def _run_worker(args: argparse.Namespace) -> int:
             max_text_chars=args.max_text_chars,
         ),
         metrics_host=args.metrics_host,
+        heartbeat_ttl_s=args.heartbeat_ttl,
+        max_deliveries=args.max_deliveries,
     )
     return run_worker(settings)
 

@@ -268,8 +268,15 @@ class EngineLoop:
             text=TextStream(request.params.stop),
         )
         sequence.sampler = self.engine.new_sampler(request.params, seed)
-        if command.resume is not None:
+        if command.resume is not None and command.resume.usable(self.engine.n_vocab, max_tokens):
             self._resume(sequence, command.resume)
+        elif command.resume is not None:
+            # Only a client (the reply stream is its key) or a bug writes such events: generate the answer again
+            # from the prompt, numbering its events after those on the stream.
+            log.warning("request %s: the events on its reply stream cannot be resumed from; restarting", request.key)
+            sequence.next_event = command.resume.next_event
+            if self.metrics is not None:
+                self.metrics.count_resume_refused()
         self._by_key[request.key] = sequence
         self.scheduler.add(sequence)
         if len(sequence.generated) >= max_tokens:

@@ -28,6 +28,9 @@ log = logging.getLogger("llamaq.health_server")
 
 DEFAULT_PORT = 9464
 """The worker's metrics and health port."""
+SOCKET_TIMEOUT_S = 5.0
+"""How long a connection may leave the server waiting, for its request or for room to write the answer: each
+connection has its own thread, which a client that connects and says nothing must not hold for ever."""
 
 Liveness = Callable[[], bool]
 """True while the process can make progress: its engine thread is alive."""
@@ -38,8 +41,17 @@ Readiness = Callable[[], tuple[bool, str]]
 class HealthServer:
     """Serves GET (and HEAD) /metrics, /healthz and /readyz for one worker; anything else is 404."""
 
-    def __init__(self, metrics: WorkerMetrics, host: str, port: int, liveness: Liveness, readiness: Readiness) -> None:
+    def __init__(
+        self,
+        metrics: WorkerMetrics,
+        host: str,
+        port: int,
+        liveness: Liveness,
+        readiness: Readiness,
+        socket_timeout_s: float = SOCKET_TIMEOUT_S,
+    ) -> None:
         self.metrics = metrics
+        self.socket_timeout_s = socket_timeout_s
         self.host = host
         self._port = port
         self.liveness = liveness
@@ -130,6 +142,11 @@ class _HttpServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     # HTTP/1.0 (the default): one request per connection, so stop() leaves no idle keep-alive threads behind.
     server: _HttpServer
+
+    def setup(self) -> None:
+        super().setup()
+        # A read or write that times out ends the connection (handle_one_request catches the TimeoutError).
+        self.connection.settimeout(self.server.health.socket_timeout_s)
 
     def do_GET(self) -> None:
         self._answer(with_body=True)

@@ -14,9 +14,14 @@ import redis.asyncio as aioredis
 
 from llamaq.protocol import Keys
 
-HEARTBEAT_INTERVAL_S = 2.0
 HEARTBEAT_TTL_S = 10
-"""Several missed beats before a worker counts as gone: a busy event loop may delay one."""
+"""The default lease (`--heartbeat-ttl`): a worker whose heartbeat is older is gone."""
+
+
+def beat_interval_s(ttl_s: float) -> float:
+    """How often a worker beats for a lease of ttl_s: several missed beats before it counts as gone, since a busy
+    event loop may delay one."""
+    return ttl_s / 5
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,9 @@ class WorkerIdentity:
     started_at: float
 
 
-async def beat(redis: aioredis.Redis, keys: Keys, identity: WorkerIdentity, load: WorkerLoad) -> None:
+async def beat(
+    redis: aioredis.Redis, keys: Keys, identity: WorkerIdentity, load: WorkerLoad, ttl_s: int = HEARTBEAT_TTL_S
+) -> None:
     """Write one heartbeat (hash, TTL, membership) in one round trip."""
     key = keys.heartbeat(identity.worker)
     fields: dict[str | bytes, str | int | float] = {
@@ -53,7 +60,7 @@ async def beat(redis: aioredis.Redis, keys: Keys, identity: WorkerIdentity, load
     }
     pipe = redis.pipeline(transaction=False)
     pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
-    pipe.expire(key, HEARTBEAT_TTL_S)
+    pipe.expire(key, ttl_s)
     pipe.sadd(keys.workers, identity.worker)
     await pipe.execute()
 

@@ -20,6 +20,8 @@ class Ticket:
     stream: str = ""
     """The stream the entry came from (the queue's, or a worker's inbox); acked there."""
     cancel_sent: bool = False
+    next_event: int = 0
+    """The number of the next event to write (after those a dead worker published, for a resumed request)."""
 
 
 class InFlight:

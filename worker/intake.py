@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -10,7 +9,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from llamaq.protocol import (
@@ -31,7 +30,9 @@ from llamaq.protocol import (
 from .conversations import ConversationStore, live_owner
 from .engine_loop import EngineLoop, cancelled_before_start
 from .in_flight import InFlight, Ticket
+from .metrics import WorkerMetrics
 from .publisher import Publisher
+from .redis_errors import Backoff, error_code, is_transient
 from .resume import published_so_far
 
 log = logging.getLogger("llamaq.intake")
@@ -68,6 +69,7 @@ class Intake:
         self._inbox = keys.inbox(consumer)
         self.handed_over = 0
         """Turns this worker handed to the live worker that holds their conversation's KV."""
+        self.metrics: WorkerMetrics | None = None
 
     async def join_group(self) -> None:
         """Create the consumer groups (and streams) of the queue and of this worker's inbox unless they exist;
@@ -85,7 +87,7 @@ class Intake:
 
     async def run(self) -> None:
         """Read and dispatch requests (the queue's, and turns handed to this worker) until stop()."""
-        delay = 0.1
+        backoff = Backoff(0.1, 5.0)
         while not self._stopping:
             await self._in_flight.wait_below(self._max_in_flight)
             streams: dict[Any, Any] = {self._keys.requests: ">", self._inbox: ">"}
@@ -93,34 +95,56 @@ class Intake:
                 response: Any = await self._redis.xreadgroup(
                     self._keys.group, self._consumer, streams, count=self.room, block=_BLOCK_MS
                 )
-                delay = 0.1
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                log.warning("reading requests failed (%s); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
+                backoff.reset()
             except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
+                if "NOGROUP" in str(exc):
+                    # The stream was deleted under us (FLUSHALL, an operator, a Redis restart): join again.
+                    await self.join_group()
+                    continue
+                if not is_transient(exc):
                     raise
-                # The stream was deleted under us (FLUSHALL, an operator, a Redis restart): join again.
-                await self.join_group()
+                self._retrying("reading requests", exc, backoff)
+                await backoff.wait()
+                continue
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                self._retrying("reading requests", exc, backoff)
+                await backoff.wait()
                 continue
             for stream, entries in _stream_entries(response):
                 for entry_id, fields in entries:
                     await self._accept_until_done(Entry(entry_id, stream), fields)
 
     async def _accept_until_done(self, entry: Entry, fields: dict[bytes, bytes] | None) -> None:
-        """Accept an entry, retrying while Redis is unreachable: the entry is ours (in our PEL) and no other
-        worker will claim it while we heartbeat, so giving up would strand it."""
-        delay = 0.1
+        """Accept an entry, retrying while Redis is unreachable or refuses writes for a while: the entry is ours
+        (in our PEL) and no other worker will claim it while we heartbeat, so giving up would strand it. An
+        error that retrying cannot cure (WRONGTYPE on a key of the request's) fails this entry alone."""
+        backoff = Backoff(0.1, 5.0)
         while True:
             try:
                 await self._accept(entry, fields)
                 return
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                log.warning("handling entry %r failed (%s); retrying in %.1fs", entry.id, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+            except RedisError as exc:
+                if not is_transient(exc):
+                    await self._fail_entry(entry, fields, exc)
+                    return
+                self._retrying(f"handling entry {entry.id!r}", exc, backoff)
+                await backoff.wait()
+
+    async def _fail_entry(self, entry: Entry, fields: dict[bytes, bytes] | None, error: RedisError) -> None:
+        """Answer an entry that a Redis error on one of its keys kept from being served (`internal`), and ack it."""
+        code = error_code(error)
+        log.warning("entry %r failed: Redis refused a command on its keys (%s)", entry.id, code)
+        data = (fields or {}).get(REQUEST_FIELD)
+        reply_key = None if data is None else _identify_safely(data, self._keys, self._limits)
+        # Only the error code: the reply text of Redis could quote a key that is not the client's.
+        failure = ProtocolError(ErrorCode.INTERNAL, f"Redis refused a command on this request's keys ({code})")
+        await self._reject(entry, reply_key, failure)
+
+    def _retrying(self, what: str, error: BaseException, backoff: Backoff) -> None:
+        code = error_code(error)
+        log.warning("%s failed (%s); retrying in %.1fs", what, code, backoff.delay_s)
+        if self.metrics is not None:
+            self.metrics.count_redis_retry(code)
 
     @property
     def room(self) -> int:
@@ -130,6 +154,18 @@ class Intake:
     async def accept_claimed(self, entry_id: bytes, fields: dict[bytes, bytes] | None, stream: str) -> None:
         """Serve an entry claimed from a dead worker: resumed after the events it had already published."""
         await self._accept_until_done(Entry(entry_id, stream, claimed=True), fields)
+
+    async def dead_letter(self, entry_id: bytes, fields: dict[bytes, bytes] | None, stream: str) -> None:
+        """Answer an entry delivered too often (every worker that took it died before answering) with
+        `internal`, ack it and count it, instead of serving it again."""
+        data = (fields or {}).get(REQUEST_FIELD)
+        reply_key = None if data is None else _identify_safely(data, self._keys, self._limits)
+        failure = ProtocolError(
+            ErrorCode.INTERNAL, "every worker that took this request stopped before answering it; it is not retried"
+        )
+        if self.metrics is not None:
+            self.metrics.count_dead_letter()
+        await self._reject(Entry(entry_id, stream, claimed=True), reply_key, failure)
 
     async def _accept(self, entry: Entry, fields: dict[bytes, bytes] | None) -> None:
         received_at = time.monotonic()
@@ -178,7 +214,8 @@ class Intake:
             # The dead worker wrote the final event but died before its ack.
             await self._publisher.ack(entry.id, entry.stream)
             return
-        self._in_flight.add(Ticket(request.key, entry.id, reply_key, cancel_key, entry.stream))
+        next_event = 0 if resume is None else resume.next_event
+        self._in_flight.add(Ticket(request.key, entry.id, reply_key, cancel_key, entry.stream, next_event=next_event))
         self._engine_loop.submit(request, received_at, resume)
 
     async def _hand_to_owner(self, entry: Entry, request: Request, data: bytes) -> bool:

@@ -48,6 +48,13 @@ _BATCH_TOKEN_BUCKETS = tuple(float(2**i) for i in range(14))
 ERROR = "error"
 """The `reason` label of a request that ended with an error event (the others are FinishReason values)."""
 
+DROPPED_REDIS_ERROR = "redis_error"
+"""A request whose own reply stream refused writes (a client replaced the key): no event could reach it."""
+DROPPED_LEASE_LOST = "lease_lost"
+"""A request another worker took over while this one's heartbeat lease had lapsed."""
+STATE_DIR_OPERATIONS = ("save", "restore", "delete", "list")
+"""The `operation` label of llamaq_state_dir_errors_total."""
+
 # Samples Prometheus exposes per metric type, as prometheus_client writes them (`_created` unless disabled).
 _SAMPLE_SUFFIXES = {
     "counter": ("_total", "_created"),
@@ -178,6 +185,30 @@ class WorkerMetrics:
         """Count a decode retried after llama.cpp found no KV slot."""
         self.decode_retries.inc()
 
+    def count_dropped(self, reason: str) -> None:
+        """Count a request given up without a final event (DROPPED_REDIS_ERROR or DROPPED_LEASE_LOST)."""
+        self.requests_dropped.labels(model=self.model, reason=reason).inc()
+
+    def count_redis_retry(self, error: str) -> None:
+        """Count a Redis round trip (or some of its commands) retried after an error the server recovers from."""
+        self.redis_retries.labels(model=self.model, error=error).inc()
+
+    def count_dead_letter(self) -> None:
+        """Count a request entry answered with `internal` because it was delivered too many times."""
+        self.dead_letters.inc()
+
+    def count_resume_refused(self) -> None:
+        """Count a reclaimed request whose published events could not be resumed from."""
+        self.resumes_refused.inc()
+
+    def count_state_dir_error(self, operation: str) -> None:
+        """Count an OS error from the state directory (one of STATE_DIR_OPERATIONS)."""
+        self.state_dir_errors.labels(model=self.model, operation=operation).inc()
+
+    def count_lease_lapse(self) -> None:
+        """Count a heartbeat lease found lapsed (publishing paused until ownership was checked again)."""
+        self.lease_lapses.inc()
+
     def exposition(self) -> bytes:
         """The registry in Prometheus text format (prometheus_client.CONTENT_TYPE_LATEST)."""
         return generate_latest(self.registry)
@@ -270,6 +301,49 @@ class WorkerMetrics:
         )
         self.decode_retries = self._counter(
             "llamaq_decode_retries", "Decodes retried after llama.cpp found no KV slot and idle sequences were evicted."
+        )
+        self._define_fault_counters()
+
+    def _define_fault_counters(self) -> None:
+        self.requests_dropped = Counter(
+            "llamaq_requests_dropped",
+            "Requests given up without a final event, by reason: redis_error (their own reply stream refused "
+            "writes), lease_lost (another worker took them over while this worker's heartbeat lease had lapsed).",
+            ["model", "reason"],
+            registry=self.registry,
+        )
+        for reason in (DROPPED_REDIS_ERROR, DROPPED_LEASE_LOST):
+            self.requests_dropped.labels(model=self.model, reason=reason)
+        self.redis_retries = Counter(
+            "llamaq_redis_retries",
+            "Redis round trips retried after an error the server recovers from, by error (OOM, MISCONF, "
+            "READONLY, LOADING, connection, timeout...).",
+            ["model", "error"],
+            registry=self.registry,
+        )
+        self.dead_letters = self._counter(
+            "llamaq_dead_letters",
+            "Request entries delivered --max-deliveries times without being answered (each delivery's worker "
+            "died): answered with `internal` and acked instead of being served again.",
+        )
+        self.resumes_refused = self._counter(
+            "llamaq_resumes_refused",
+            "Requests claimed from a dead worker whose reply stream could not be resumed from (token ids outside "
+            "the vocabulary, more tokens than the request allows): generated again from the prompt.",
+        )
+        self.state_dir_errors = Counter(
+            "llamaq_state_dir_errors",
+            "Operations on the state directory that failed with an OS error, by operation (save, restore, "
+            "delete, list); the operation failed alone, a restore fell back to recomputing.",
+            ["model", "operation"],
+            registry=self.registry,
+        )
+        for operation in STATE_DIR_OPERATIONS:
+            self.state_dir_errors.labels(model=self.model, operation=operation)
+        self.lease_lapses = self._counter(
+            "llamaq_lease_lapses",
+            "Times this worker found its heartbeat lease lapsed (a pause or partition longer than the heartbeat "
+            "TTL) and stopped publishing until it had checked which requests are still its own.",
         )
 
     def _define_histograms(self) -> None:

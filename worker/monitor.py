@@ -15,7 +15,9 @@ from llamaq.protocol import MAX_BACKLOG_FIELD
 
 from .engine import Engine
 from .engine_loop import EngineLoop
-from .heartbeat import HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S, WorkerIdentity, beat, remove
+from .heartbeat import WorkerIdentity, beat, beat_interval_s, remove
+from .in_flight import InFlight
+from .lease import Lease, parse_taken_member
 from .metrics import WorkerMetrics
 from .queue_stats import queue_depth
 from .settings import WorkerSettings
@@ -24,7 +26,7 @@ log = logging.getLogger("llamaq.monitor")
 
 
 class Monitor:
-    """Runs every HEARTBEAT_INTERVAL_S on the event loop; the probes read what it last saw."""
+    """Runs every beat interval on the event loop; the probes read what it last saw."""
 
     def __init__(
         self,
@@ -33,7 +35,11 @@ class Monitor:
         engine: Engine,
         engine_loop: EngineLoop,
         metrics: WorkerMetrics,
+        lease: Lease,
+        in_flight: InFlight,
     ) -> None:
+        self._lease = lease
+        self._in_flight = in_flight
         self._redis = redis
         self._settings = settings
         self._engine_loop = engine_loop
@@ -47,18 +53,30 @@ class Monitor:
             started_at=time.time(),
         )
         self.group_joined = False
+        self.failure: str | None = None
+        """Why the worker is stopping after one of its parts died; it is then neither alive nor ready."""
         self._redis_ok_at: float | None = None
 
     async def run(self) -> None:
         """Beat until cancelled; Redis errors are logged and retried at the next beat."""
         while True:
             await self.tick()
-            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+            await asyncio.sleep(beat_interval_s(self._settings.heartbeat_ttl_s))
 
     async def tick(self) -> None:
         """One heartbeat and one refresh of the gauges that come from Redis and the state directory."""
         try:
-            await beat(self._redis, self._settings.keys, self.identity, self._engine_loop.load)
+            sent_at = time.monotonic()
+            lapsed = self._lease.lapsed(sent_at)
+            await beat(
+                self._redis, self._settings.keys, self.identity, self._engine_loop.load, self._settings.heartbeat_ttl_s
+            )
+            if lapsed:
+                log.warning("the heartbeat lease had lapsed; checking which requests are still this worker's")
+                self._lease.regained(sent_at, await self._taken())
+                self._metrics.count_lease_lapse()
+            else:
+                self._lease.renewed(sent_at)
             # Clients read the bound from Redis; every worker restates it, so a restarted Redis has it again.
             await self._redis.hset(self._settings.keys.config, MAX_BACKLOG_FIELD, self._settings.max_backlog)
             depth = await queue_depth(self._redis, self._settings.keys)
@@ -68,8 +86,24 @@ class Monitor:
             log.warning("heartbeat failed: %s", exc)
         state = self._engine_loop.state
         if state is not None:
-            entries = await asyncio.to_thread(state.swap.states.entries)
+            try:
+                entries = await asyncio.to_thread(state.swap.states.entries)
+            except OSError as exc:
+                # A broken state directory costs the swap tier, not the heartbeat.
+                log.warning("could not list the state directory: %s", exc)
+                self._metrics.count_state_dir_error("list")
+                return
             self._metrics.set_conversations_on_disk(len({entry.conversation for entry in entries}))
+
+    async def _taken(self) -> frozenset[tuple[str, bytes]]:
+        """The entries other workers claimed from this one while its heartbeat was missing; read after a beat,
+        when no more can be claimed, and then cleared."""
+        key = self._settings.keys.taken(self.identity.worker)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.smembers(key)
+        pipe.delete(key)
+        members, _ = await pipe.execute()
+        return frozenset(parse_taken_member(m) for m in members)
 
     async def leave(self) -> None:
         """Remove the heartbeat when the worker stops, so status and other workers see it gone at once."""
@@ -77,15 +111,18 @@ class Monitor:
             await remove(self._redis, self._settings.keys, self.identity.worker)
 
     def alive(self) -> bool:
-        """Liveness: the engine thread runs (the process answering is the other half)."""
-        return self._engine_loop.alive
+        """Liveness: the engine thread runs and no part of the worker died (the process answering is the other
+        half)."""
+        return self.failure is None and self._engine_loop.alive
 
     def ready(self) -> tuple[bool, str]:
         """Readiness: model loaded and engine running, consumer group joined, Redis answered recently."""
+        if self.failure is not None:
+            return False, self.failure
         if not self._engine_loop.alive:
             return False, "engine thread not running"
         if not self.group_joined:
             return False, "consumer group not joined yet"
-        if self._redis_ok_at is None or time.monotonic() - self._redis_ok_at > HEARTBEAT_TTL_S:
+        if self._redis_ok_at is None or time.monotonic() - self._redis_ok_at > self._settings.heartbeat_ttl_s:
             return False, "Redis not reachable"
         return True, "ready"

@@ -1,23 +1,40 @@
-"""Events to Redis: one pipelined round trip per engine step, acks after final events, cancel checks."""
+"""Events to Redis: one pipelined round trip per engine step, acks after final events, cancel checks.
+
+A Redis error fails only the request whose command it answered (pipelined_writes.py looks at every reply): an
+error of the server's state (out of memory, read-only replica, failed snapshot) is retried with backoff, the
+commands that succeeded not sent again; any other error (WRONGTYPE on a reply key the client replaced) ends that
+request alone, with an `internal` error event where its reply stream still takes one, else dropped and counted.
+Acks go in a second round trip, only for final events Redis took, so an entry is never acked before its answer
+is written. While this worker's heartbeat lease has lapsed nothing is written at all (lease.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from llamaq.protocol import EVENT_FIELD, ErrorEvent, FinalEvent, Keys, ProtocolError, encode_event
+from llamaq.protocol import (
+    ErrorCode,
+    ErrorEvent,
+    FinalEvent,
+    History,
+    Keys,
+    ProtocolError,
+    encode_event,
+)
 
 from .conversations import ConversationStore
 from .engine_loop import EngineLoop, Outgoing, StepStats
 from .in_flight import InFlight, Ticket
-from .metrics import WorkerMetrics
+from .lease import Lease
+from .metrics import DROPPED_LEASE_LOST, DROPPED_REDIS_ERROR, WorkerMetrics
+from .pipelined_writes import Outcome, Write, exists, expire, write_all, xack, xadd, xdel
+from .redis_errors import Backoff, error_code
 
 log = logging.getLogger("llamaq.publisher")
 
@@ -44,8 +61,13 @@ class Publisher:
         self._reply_ttl_s = reply_ttl_s
         self._queue: asyncio.Queue[_Batch] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
+        self._given_up: set[str] = set()
+        """Requests (by key) this publisher stopped writing for; their further events are dropped quietly."""
         self.engine_loop: EngineLoop | None = None
         self.metrics: WorkerMetrics | None = None
+        self.lease: Lease | None = None
+        """This worker's heartbeat lease; while it has lapsed nothing is written."""
+        self._regains_seen = 0
 
     def emit_threadsafe(self, outgoing: list[Outgoing], stats: StepStats | None) -> None:
         """Hand a step's events over from the engine thread."""
@@ -72,84 +94,195 @@ class Publisher:
         self, entry_id: bytes, reply_key: str | None, error: ProtocolError, stream: str | None = None
     ) -> None:
         """Answer an entry that never reached the engine with an error event, and ack it."""
-        if self.metrics is not None:
+        event = ErrorEvent(n=0, code=error.code, message=error.message)
+        if await self.answer(entry_id, reply_key, event, stream) and self.metrics is not None:
             self.metrics.count_rejected(error.code.value)
-        await self.answer(entry_id, reply_key, ErrorEvent(n=0, code=error.code, message=error.message), stream)
 
     async def ack(self, entry_id: bytes, stream: str | None = None) -> None:
         """Ack (and delete) an entry that needs no event: it was answered before, or handed to another worker."""
-        await self._execute(lambda pipe: self._ack(pipe, entry_id, stream))
+        await self._ack_entries([(entry_id, stream)])
 
     async def answer(
         self, entry_id: bytes, reply_key: str | None, event: FinalEvent, stream: str | None = None
-    ) -> None:
-        """Write the only event of an entry that never reached the engine, and ack it."""
-
-        def build(pipe: Pipeline) -> None:
-            if reply_key is not None:
-                pipe.xadd(reply_key, {EVENT_FIELD: encode_event(event)})
-                pipe.expire(reply_key, self._reply_ttl_s)
-            self._ack(pipe, entry_id, stream)
-
-        await self._execute(build)
+    ) -> bool:
+        """Write the only event of an entry that never reached the engine, and ack it; False when its reply
+        stream refused the event (the entry is acked all the same, and counted as dropped)."""
+        written = True
+        held = (stream or self._keys.requests, entry_id)
+        if reply_key is not None:
+            owner = entry_id.decode(errors="replace")
+            outcome = await self._execute(self._final_writes(owner, reply_key, event, held))
+            written = 0 in outcome.written
+            if owner in outcome.fenced:
+                return False
+            if not written:
+                self._count_dropped(owner, outcome.refused.get(owner))
+        await self._ack_entries([(entry_id, stream)])
+        return written
 
     async def _publish(self, outgoing: list[Outgoing]) -> None:
         addressed = self._address(outgoing)
-        finished = [ticket for ticket, item in addressed if item.final]
-        finished_ids = {t.request_key for t in finished}
-        watched = [t for t in self._in_flight if t.request_key not in finished_ids and not t.cancel_sent]
-        touched = {t.reply_key: self._reply_ttl_s if i.final else _RUNNING_TTL_S for t, i in addressed}
-
-        def build(pipe: Pipeline) -> None:
-            for ticket, item in addressed:
-                if item.history is not None:
-                    # Before the final event: a client that starts the next turn on seeing it finds the history.
-                    self._conversations.save(pipe, *item.history, served_here=True)
-                pipe.xadd(ticket.reply_key, {EVENT_FIELD: encode_event(item.event)})
-            for key, ttl in touched.items():
-                pipe.expire(key, ttl)
-            for ticket in finished:
-                self._ack(pipe, ticket.entry_id, ticket.stream or None)
-            # Cancel checks ride on the step's round trip, so a cancel takes effect within one step.
-            for ticket in watched:
-                pipe.exists(ticket.cancel_key)
-
-        results = await self._execute(build)
-        for ticket in finished:
+        writes = self._event_writes(addressed)
+        finishing = {t.request_key for t, item in addressed if item.final}
+        watched = [t for t in self._in_flight if t.request_key not in finishing and not t.cancel_sent]
+        # Cancel checks ride on the step's round trip, so a cancel takes effect within one step.
+        checks = len(writes)
+        writes += [Write(t.request_key, partial(exists, t.cancel_key), entry=self._held(t)) for t in watched]
+        outcome = await self._execute(writes)
+        answered: list[Ticket] = []
+        for index, write in enumerate(writes[:checks]):
+            ticket = self._in_flight.get(write.owner)
+            if ticket is None or index not in outcome.written or write.n is None:
+                continue
+            ticket.next_event = max(ticket.next_event, write.n + 1)
+            if write.final:
+                answered.append(ticket)
+        for owner, error in outcome.refused.items():
+            ticket = self._in_flight.get(owner)
+            if ticket is not None and ticket not in answered:
+                answered.append(await self._fail(ticket, error))
+        for ticket in answered:
+            await self._ack_entries([(ticket.entry_id, ticket.stream or None)])
+        for ticket in answered:
             self._in_flight.remove(ticket.request_key)
-        for ticket, found in zip(watched, results[len(results) - len(watched) :], strict=True):
-            if found and self.engine_loop is not None:
+        for index, ticket in enumerate(watched, start=checks):
+            if outcome.replies.get(index) and self.engine_loop is not None and ticket.request_key in self._in_flight:
                 ticket.cancel_sent = True
                 self.engine_loop.cancel(ticket.request_key)
+
+    def _event_writes(self, addressed: list[tuple[Ticket, Outgoing]]) -> list[Write]:
+        """Each event's XADD (a finished turn's history first), then one EXPIRE per reply stream touched."""
+        writes: list[Write] = []
+        ttls: dict[str, tuple[Ticket, int]] = {}
+        for ticket, item in addressed:
+            owner = ticket.request_key
+            if item.history is not None:
+                # Before the final event: a client that starts the next turn on seeing it finds the history.
+                writes.append(Write(owner, partial(self._save_history, *item.history), entry=self._held(ticket)))
+            writes.append(
+                Write(
+                    owner,
+                    partial(xadd, ticket.reply_key, encode_event(item.event)),
+                    item.event.n,
+                    item.final,
+                    self._held(ticket),
+                )
+            )
+            ttls[ticket.reply_key] = (ticket, self._reply_ttl_s if item.final else _RUNNING_TTL_S)
+        for key, (ticket, ttl) in ttls.items():
+            writes.append(Write(ticket.request_key, partial(expire, key, ttl), entry=self._held(ticket)))
+        return writes
+
+    def _save_history(self, conversation: str, history: History, pipe: Pipeline) -> None:
+        self._conversations.save(pipe, conversation, history, served_here=True)
+
+    async def _fail(self, ticket: Ticket, error: BaseException) -> Ticket:
+        """End a request whose commands Redis refused for good: an `internal` error event if its reply stream
+        takes one, else dropped and counted. Its sequence is cancelled; what it still emits is not written."""
+        code = error_code(error)
+        log.warning("Redis refused a command for request %s (%s); ending it", ticket.request_key, code)
+        self._given_up.add(ticket.request_key)
+        if self.engine_loop is not None:
+            self.engine_loop.cancel(ticket.request_key)
+        # The reply names only the error code: the message and the command could echo another key's contents.
+        event = ErrorEvent(n=ticket.next_event, code=ErrorCode.INTERNAL, message=f"Redis refused a write ({code})")
+        outcome = await self._execute(
+            self._final_writes(ticket.request_key, ticket.reply_key, event, self._held(ticket))
+        )
+        if 0 in outcome.written:
+            if self.metrics is not None:
+                self.metrics.count_rejected(ErrorCode.INTERNAL.value)
+        elif ticket.request_key not in outcome.fenced:  # a fenced one was counted as lost to another worker
+            self._count_dropped(ticket.request_key, error)
+        return ticket
+
+    def _final_writes(self, owner: str, reply_key: str, event: FinalEvent, held: tuple[str, bytes]) -> list[Write]:
+        """The XADD of a request's final event (write 0) and its reply stream's TTL."""
+        return [
+            Write(owner, partial(xadd, reply_key, encode_event(event)), event.n, final=True, entry=held),
+            Write(owner, partial(expire, reply_key, self._reply_ttl_s), entry=held),
+        ]
+
+    def _count_dropped(self, owner: str, error: BaseException | None) -> None:
+        code = "unknown" if error is None else error_code(error)
+        log.warning("no event could be written for %s (%s): dropped", owner, code)
+        if self.metrics is not None:
+            self.metrics.count_dropped(DROPPED_REDIS_ERROR)
 
     def _address(self, outgoing: list[Outgoing]) -> list[tuple[Ticket, Outgoing]]:
         """Each event with the ticket of its request, in order."""
         addressed = []
         for item in outgoing:
             ticket = self._in_flight.get(item.request_key)
-            if ticket is None:
-                log.warning("event for unknown request %s dropped", item.request_key)
-            else:
+            if ticket is not None:
                 addressed.append((ticket, item))
+            elif item.request_key in self._given_up:
+                if item.final:
+                    self._given_up.discard(item.request_key)
+            else:
+                log.warning("event for unknown request %s dropped", item.request_key)
         return addressed
 
-    def _ack(self, pipe: Pipeline, entry_id: bytes, stream: str | None = None) -> None:
+    async def _ack_entries(self, entries: list[tuple[bytes, str | None]]) -> None:
         # One consumer group reads this stream, so an acked entry is garbage: deleting it keeps the stream
         # short without trimming, and trimming by length could drop entries still pending.
-        stream = stream or self._keys.requests
-        pipe.xack(stream, self._keys.group, entry_id)
-        pipe.xdel(stream, entry_id)
+        writes = []
+        for entry_id, stream in entries:
+            name, owner = stream or self._keys.requests, entry_id.decode(errors="replace")
+            # XACK acks for the whole group: an entry another worker took over must not be acked from here.
+            held = (name, entry_id)
+            writes.append(Write(owner, partial(xack, name, self._keys.group, entry_id), entry=held))
+            writes.append(Write(owner, partial(xdel, name, entry_id), entry=held))
+        if writes:
+            outcome = await self._execute(writes)
+            for owner, error in outcome.refused.items():
+                log.error("could not ack entry %s (%s)", owner, error_code(error))
 
-    async def _execute(self, build: Callable[[Pipeline], None]) -> list[object]:
-        delay = 0.05
-        while True:
-            pipe = self._redis.pipeline(transaction=False)
-            build(pipe)
-            try:
-                results: list[object] = await pipe.execute()
-                return results
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                # Replaying the pipeline may write an event twice; clients drop duplicates by event number.
-                log.warning("publishing failed (%s); retrying in %.2fs", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+    async def _execute(self, writes: list[Write]) -> Outcome:
+        fence = None if self.lease is None else self
+        return await write_all(self._redis, writes, fence, self._retrying)
+
+    def fence_needed(self) -> bool:
+        """Fence: the lease lapsed, or was taken up again since this publisher last looked."""
+        assert self.lease is not None
+        return self.lease.lapsed() or self.lease.regains != self._regains_seen
+
+    async def settle(self) -> None:
+        """Fence: wait out a lapsed lease, then drop the requests another worker took meanwhile."""
+        await self._regain()
+
+    def holds(self, entry: tuple[str, bytes]) -> bool:
+        """Fence: whether this worker still holds a request entry."""
+        return self.lease is None or self.lease.still_holds(*entry)
+
+    def _held(self, ticket: Ticket) -> tuple[str, bytes]:
+        return (ticket.stream or self._keys.requests, ticket.entry_id)
+
+    async def _regain(self) -> None:
+        """Wait out a lapsed lease (the monitor takes it up again), then drop the requests another worker took."""
+        assert self.lease is not None
+        if self.lease.lapsed():
+            log.warning("this worker's heartbeat lease lapsed; publishing waits until it is renewed")
+            await self.lease.held()
+        if self.lease.regains == self._regains_seen:
+            return
+        self._regains_seen = self.lease.regains
+        for ticket in self._in_flight:
+            if not self.lease.still_holds(*self._held(ticket)):
+                self._lose(ticket)
+
+    def _lose(self, ticket: Ticket) -> None:
+        """Forget a request another worker took over: it answers it; this one writes nothing more for it."""
+        log.warning("request %s was taken over by another worker while this one's lease had lapsed", ticket.request_key)
+        self._given_up.add(ticket.request_key)
+        self._in_flight.remove(ticket.request_key)
+        if self.engine_loop is not None:
+            self.engine_loop.cancel(ticket.request_key)
+        if self.metrics is not None:
+            self.metrics.count_dropped(DROPPED_LEASE_LOST)
+
+    def _retrying(self, error: BaseException, backoff: Backoff) -> None:
+        code = error_code(error)
+        log.warning("publishing failed (%s); retrying in %.2fs", code, backoff.delay_s)
+        if self.metrics is not None:
+            self.metrics.count_redis_retry(code)

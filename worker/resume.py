@@ -26,6 +26,15 @@ class Resume:
     finished: bool = False
     """A final event was written: the request is answered, only its ack was lost."""
 
+    def usable(self, n_vocab: int, max_tokens: int) -> bool:
+        """True when a new worker can take these tokens over: every id in the vocabulary (an id outside it
+        aborts llama.cpp), no more tokens than the request allows, one text delta per event."""
+        return (
+            len(self.tokens) <= max_tokens
+            and len(self.texts) == self.next_event
+            and all(0 <= token < n_vocab for token in self.tokens)
+        )
+
 
 async def published_so_far(redis: aioredis.Redis, reply_key: str) -> Resume:
     """Read a reply stream from the start; events out of order or unreadable end the scan (the client will see

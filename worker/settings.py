@@ -12,6 +12,7 @@ from pathlib import Path
 from llamaq.protocol import DEFAULT_PREFIX, DEFAULT_QUEUE, Keys, Limits
 
 from .engine import EngineConfig, KvType
+from .heartbeat import HEARTBEAT_TTL_S
 
 
 def default_threads() -> int:
@@ -81,6 +82,14 @@ class WorkerSettings:
     """Port of /metrics, /healthz and /readyz; 0 picks a free one, None serves none."""
     metrics_host: str = "0.0.0.0"
     """Address the metrics server binds; Prometheus scrapes it from other hosts."""
+    heartbeat_ttl_s: int = HEARTBEAT_TTL_S
+    """The lease of a worker's heartbeat: it beats every fifth of it; a worker whose heartbeat is missing at two
+    checks this far apart is dead and its requests are taken over; a worker that could not renew it for this long
+    stops publishing until it knows which requests are still its own. Every worker of a queue should agree."""
+    max_deliveries: int = 3
+    """Deliveries of a request entry (the first read plus each claim from a dead worker) after which it is
+    answered with `internal` instead of being served again: a request that killed this many workers would go on
+    killing them. 0: no limit."""
     restore_tolerance: float = 0.0
     """Largest absolute logit difference a verified restore may show. 0 demands bit-identical logits, which the
     CPU gives (measured); on a GPU, tests/test_gpu_offload.py measures the difference (docs/gpu-runs.md)."""

@@ -7,7 +7,9 @@
 - At shutdown every conversation still in KV is saved, so a worker restarted on the same directory resumes it.
 - The explicit state operations of the protocol (save, load, list, delete).
 
-Everything here runs on the engine thread under the engine lock, like the rest of the loop.
+Everything here runs on the engine thread under the engine lock, like the rest of the loop. An OSError from the
+directory (a volume gone, full, read-only) fails the one operation that met it, and is counted: a swap-out is
+skipped, a restore falls back to recomputing, an explicit operation answers `internal`.
 """
 
 from __future__ import annotations
@@ -21,12 +23,21 @@ from llamaq.protocol.errors import invalid
 
 from .engine import DecodeError
 from .kv_cache import Evicted, KvCache
+from .metrics import WorkerMetrics
 from .sequence import Sequence
 from .state_dir import StateDirFull, StateKind
 from .state_file import StateRefused
 from .swap_tier import SwapTier
 
 log = logging.getLogger("llamaq.state")
+
+_OPERATION_OF = {
+    ConversationOp.LIST_STATES: "list",
+    ConversationOp.DELETE_STATE: "delete",
+    ConversationOp.SAVE_STATE: "save",
+    ConversationOp.LOAD_STATE: "restore",
+}
+"""The llamaq_state_dir_errors_total `operation` of each state operation."""
 
 MIN_RESTORE_TOKENS = 32
 """Fewest prompt tokens a restore must spare to be worth a file read and a verification decode."""
@@ -35,10 +46,11 @@ MIN_RESTORE_TOKENS = 32
 class StateKeeper:
     """Swap-out, restore and state operations over one KV cache and one swap tier."""
 
-    def __init__(self, kv: KvCache, swap: SwapTier, swap_min_tokens: int) -> None:
+    def __init__(self, kv: KvCache, swap: SwapTier, swap_min_tokens: int, metrics: WorkerMetrics | None = None) -> None:
         self.kv = kv
         self.swap = swap
         self.swap_min_tokens = swap_min_tokens
+        self.metrics = metrics
 
     # --- eviction and shutdown ------------------------------------------------------------------------------
 
@@ -57,13 +69,15 @@ class StateKeeper:
 
     def _save_unless_saved(self, idle: Evicted) -> bool:
         assert idle.owner is not None
-        if self.swap.is_saved(idle.owner, idle.tokens):
-            return False
         try:
+            if self.swap.is_saved(idle.owner, idle.tokens):
+                return False
             self.swap.save(idle.seq_id, idle.tokens, idle.owner, StateKind.SWAP)
         except (StateDirFull, OSError, DecodeError) as exc:
             # Losing a swap file only costs a recompute from the history in Redis.
             log.warning("could not swap out conversation %s: %s", idle.owner, exc)
+            if isinstance(exc, OSError):
+                self._count_error("save")
             return False
         return True
 
@@ -80,8 +94,14 @@ class StateKeeper:
             if sequence.restore_checked or conversation is None or sequence.preemptions:
                 continue
             sequence.restore_checked = True
-            if not self.kv.owned_by(conversation):
+            if self.kv.owned_by(conversation):
+                continue
+            try:
                 self._restore(sequence, conversation, running)
+            except OSError as exc:
+                log.warning("could not restore conversation %s from the state directory: %s", conversation, exc)
+                self._count_error("restore")
+                sequence.prefix_source = PrefixSource.RECOMPUTE
 
     def _restore(self, sequence: Sequence, conversation: str, running: Mapping[int, list[int]]) -> None:
         prompt = sequence.all_tokens()
@@ -108,6 +128,10 @@ class StateKeeper:
         except StateRefused:
             self.kv.give_back(seq_id)
             return
+        except OSError:
+            # The file is read before anything is loaded: the sequence is still empty.
+            self.kv.give_back(seq_id)
+            raise
         self.kv.hold_restored(seq_id, prompt[:keep], conversation)
         sequence.restored_into = seq_id
         sequence.restore_ms = restored.seconds * 1000.0
@@ -128,6 +152,29 @@ class StateKeeper:
     def run(self, request: Request) -> dict[str, Any]:
         """Carry out a state operation; the map its result event carries. ProtocolError for what cannot be done."""
         assert request.command is not None
+        try:
+            return self._run(request)
+        except OSError as exc:
+            log.error("state operation %s failed on the state directory: %s", request.command.op.value, exc)
+            self._count_error(_OPERATION_OF.get(request.command.op, "save"))
+            # The reason, not the path: the directory's layout is the operator's business.
+            reason = exc.strerror or type(exc).__name__
+            raise ProtocolError(ErrorCode.INTERNAL, f"the worker's state directory failed ({reason})") from exc
+
+    def forget(self, conversation: str) -> None:
+        """A deleted conversation leaves no KV on disk either."""
+        try:
+            self.swap.states.delete(conversation)
+        except OSError as exc:
+            log.warning("could not delete the state files of conversation %s: %s", conversation, exc)
+            self._count_error("delete")
+
+    def _count_error(self, operation: str) -> None:
+        if self.metrics is not None:
+            self.metrics.count_state_dir_error(operation)
+
+    def _run(self, request: Request) -> dict[str, Any]:
+        assert request.command is not None
         op, conversation = request.command.op, request.conversation
         if op is ConversationOp.LIST_STATES:
             return self._list()
@@ -137,10 +184,6 @@ class StateKeeper:
         if op is ConversationOp.SAVE_STATE:
             return self._save(conversation)
         return self._load(conversation)
-
-    def forget(self, conversation: str) -> None:
-        """A deleted conversation leaves no KV on disk either."""
-        self.swap.states.delete(conversation)
 
     def _list(self) -> dict[str, Any]:
         states: list[dict[str, Any]] = []
@@ -198,6 +241,9 @@ class StateKeeper:
         except StateRefused as refused:
             self.kv.give_back(seq_id)
             raise invalid(f"saved state refused ({refused.reason.value}): {refused.message}") from refused
+        except OSError:
+            self.kv.give_back(seq_id)
+            raise
         self.kv.hold_restored(seq_id, saved.header.tokens, conversation)
         return {
             "conversation": conversation,
