@@ -55,9 +55,11 @@ _KNOWN_REQUEST_KEYS = frozenset(
         "into",
         "priority",
         "tenant",
+        "cache_salt",
     }
 )
 MAX_PRIORITY = 100
+MAX_CACHE_SALT_CHARS = 256
 _PARAM_NAMES = frozenset(SamplingParams.__dataclass_fields__)
 
 
@@ -88,6 +90,8 @@ def encode_request(request: Request, keys: Keys) -> bytes:
         body["priority"] = request.priority
     if request.tenant is not None:
         body["tenant"] = request.tenant
+    if request.cache_salt is not None:
+        body["cache_salt"] = request.cache_salt
     packed: bytes = msgpack.packb(body, use_bin_type=True)
     return packed
 
@@ -125,7 +129,7 @@ def decode_request(data: bytes, keys: Keys, limits: Limits) -> Request:
         if not prompt:
             raise invalid("prompt must not be empty")
     else:
-        _forbid(body, kind, {"messages", "prompt", "append"})
+        _forbid(body, kind, {"messages", "prompt", "append", "cache_salt"})
         command = parse_command(body)
         if conversation is None and command.op is not ConversationOp.LIST_STATES:
             raise invalid("an op request names its conversation")
@@ -145,6 +149,7 @@ def decode_request(data: bytes, keys: Keys, limits: Limits) -> Request:
         command=command,
         priority=_int_in(body.get("priority", 0), "priority", -MAX_PRIORITY, MAX_PRIORITY),
         tenant=_optional_tenant(body.get("tenant")),
+        cache_salt=_optional_cache_salt(body.get("cache_salt")),
     )
 
 
@@ -169,6 +174,15 @@ def _optional_tenant(value: object) -> str | None:
     if not isinstance(value, str) or not is_valid_name(value):
         raise invalid("tenant must be 1 to 64 characters of [A-Za-z0-9_.-]")
     return value
+
+
+def _optional_cache_salt(value: object) -> str | None:
+    if value is None:
+        return None
+    salt = _require_text(value, "cache_salt", MAX_CACHE_SALT_CHARS)
+    if not salt:
+        raise invalid("cache_salt must not be empty")
+    return salt
 
 
 def identify_request(data: bytes, keys: Keys, limits: Limits) -> str | None:

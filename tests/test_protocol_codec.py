@@ -224,6 +224,7 @@ def test_malformed_conversation_request_is_invalid_request(data: bytes) -> None:
 
 def test_history_round_trip() -> None:
     history = History(kind=RequestKind.CHAT, messages=(ChatMessage("user", "hi"),), tokens=(1, 2, 3))
-    fields = {k.encode(): v for k, v in encode_history(history).items()}
-    assert decode_history(fields) == history
-    assert decode_history({}) is None
+    fields = {k.encode(): v for k, v in encode_history(history, "t.acme").items()}
+    assert decode_history(fields, "t.acme") == history
+    assert decode_history(fields, "t.other") is None, "another owner's history reads as no history"
+    assert decode_history({}, "t.acme") is None

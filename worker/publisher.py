@@ -16,7 +16,7 @@ from llamaq.protocol import EVENT_FIELD, ErrorEvent, FinalEvent, Keys, ProtocolE
 
 from .conversations import ConversationStore
 from .engine_loop import EngineLoop, Outgoing, StepStats
-from .in_flight import InFlight, Ticket
+from .in_flight import InFlight, TenantSlot, Ticket
 from .metrics import WorkerMetrics
 
 log = logging.getLogger("llamaq.publisher")
@@ -69,19 +69,30 @@ class Publisher:
                 return
 
     async def reject(
-        self, entry_id: bytes, reply_key: str | None, error: ProtocolError, stream: str | None = None
+        self,
+        entry_id: bytes,
+        reply_key: str | None,
+        error: ProtocolError,
+        stream: str | None = None,
+        slot: TenantSlot | None = None,
     ) -> None:
         """Answer an entry that never reached the engine with an error event, and ack it."""
         if self.metrics is not None:
             self.metrics.count_rejected(error.code.value)
-        await self.answer(entry_id, reply_key, ErrorEvent(n=0, code=error.code, message=error.message), stream)
+        event = ErrorEvent(n=0, code=error.code, message=error.message)
+        await self.answer(entry_id, reply_key, event, stream, slot)
 
-    async def ack(self, entry_id: bytes, stream: str | None = None) -> None:
+    async def ack(self, entry_id: bytes, stream: str | None = None, slot: TenantSlot | None = None) -> None:
         """Ack (and delete) an entry that needs no event: it was answered before, or handed to another worker."""
-        await self._execute(lambda pipe: self._ack(pipe, entry_id, stream))
+        await self._execute(lambda pipe: self._ack(pipe, entry_id, stream, slot))
 
     async def answer(
-        self, entry_id: bytes, reply_key: str | None, event: FinalEvent, stream: str | None = None
+        self,
+        entry_id: bytes,
+        reply_key: str | None,
+        event: FinalEvent,
+        stream: str | None = None,
+        slot: TenantSlot | None = None,
     ) -> None:
         """Write the only event of an entry that never reached the engine, and ack it."""
 
@@ -89,7 +100,7 @@ class Publisher:
             if reply_key is not None:
                 pipe.xadd(reply_key, {EVENT_FIELD: encode_event(event)})
                 pipe.expire(reply_key, self._reply_ttl_s)
-            self._ack(pipe, entry_id, stream)
+            self._ack(pipe, entry_id, stream, slot)
 
         await self._execute(build)
 
@@ -109,7 +120,7 @@ class Publisher:
             for key, ttl in touched.items():
                 pipe.expire(key, ttl)
             for ticket in finished:
-                self._ack(pipe, ticket.entry_id, ticket.stream or None)
+                self._ack(pipe, ticket.entry_id, ticket.stream or None, ticket.slot)
             # Cancel checks ride on the step's round trip, so a cancel takes effect within one step.
             for ticket in watched:
                 pipe.exists(ticket.cancel_key)
@@ -133,12 +144,16 @@ class Publisher:
                 addressed.append((ticket, item))
         return addressed
 
-    def _ack(self, pipe: Pipeline, entry_id: bytes, stream: str | None = None) -> None:
+    def _ack(self, pipe: Pipeline, entry_id: bytes, stream: str | None = None, slot: TenantSlot | None = None) -> None:
         # One consumer group reads this stream, so an acked entry is garbage: deleting it keeps the stream
         # short without trimming, and trimming by length could drop entries still pending.
         stream = stream or self._keys.requests
         pipe.xack(stream, self._keys.group, entry_id)
         pipe.xdel(stream, entry_id)
+        if slot is not None:
+            # Answered: the request no longer counts against its tenant (both sets: it may never have been read).
+            pipe.zrem(self._keys.tenant_in_flight(slot.owner), slot.request_key)
+            pipe.zrem(self._keys.tenant_backlog(slot.owner), slot.request_key)
 
     async def _execute(self, build: Callable[[Pipeline], None]) -> list[object]:
         delay = 0.05

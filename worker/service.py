@@ -128,6 +128,7 @@ class Worker:
             engine_loop.start()
             publishing = asyncio.create_task(publisher.run(), name="publisher")
             reading = asyncio.create_task(intake.run(), name="intake")
+            await monitor.tick()  # the queue's bounds are in Redis before anyone is told the worker is ready
             monitoring = asyncio.create_task(monitor.run(), name="monitor")
             reclaimer = Reclaimer(redis, settings.keys, settings.consumer, lambda: intake.room, intake.accept_claimed)
             reclaiming = asyncio.create_task(reclaimer.run(), name="reclaimer")
