@@ -10,11 +10,13 @@ from .admission import (
 from .codec import (
     EVENT_FIELD,
     REQUEST_FIELD,
+    Sender,
     decode_event,
     decode_request,
     encode_event,
     encode_request,
     identify_request,
+    identify_sender,
 )
 from .conversation import History, conversation_owner, decode_history, encode_history
 from .errors import ErrorCode, ProtocolError
@@ -73,6 +75,7 @@ __all__ = [
     "RequestKind",
     "ResultEvent",
     "SamplingParams",
+    "Sender",
     "Timings",
     "TokenEvent",
     "Usage",
@@ -84,6 +87,7 @@ __all__ = [
     "encode_history",
     "encode_request",
     "identify_request",
+    "identify_sender",
     "is_valid_id",
     "is_valid_owner",
     "owned_conversation",

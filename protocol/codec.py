@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import msgpack
@@ -28,6 +28,7 @@ from .messages import (
     Timings,
     TokenEvent,
     Usage,
+    owner_of,
 )
 
 REQUEST_FIELD = b"m"
@@ -185,8 +186,19 @@ def _optional_cache_salt(value: object) -> str | None:
     return salt
 
 
-def identify_request(data: bytes, keys: Keys, limits: Limits) -> str | None:
-    """Best-effort reply key of an entry that failed validation, so its sender still gets an error event."""
+@dataclass(frozen=True)
+class Sender:
+    """Who sent an entry that failed validation, as far as the entry says: where to answer it, and the owner and
+    member its enqueue counted it as (protocol/admission.py), so that the count is given back."""
+
+    reply: str
+    owner: str
+    key: str
+    """`<client>/<id>`, as Request.key."""
+
+
+def identify_sender(data: bytes, keys: Keys, limits: Limits) -> Sender | None:
+    """Best-effort sender of an entry that failed validation, so it still gets an error event and its slot back."""
     if len(data) > limits.max_entry_bytes:
         return None
     try:
@@ -195,15 +207,23 @@ def identify_request(data: bytes, keys: Keys, limits: Limits) -> str | None:
         return None
     if not isinstance(body, Mapping):
         return None
-    request_id, client_id = body.get("id"), body.get("client")
+    request_id, client_id, tenant = body.get("id"), body.get("client"), body.get("tenant")
     if (
         isinstance(request_id, str)
         and isinstance(client_id, str)
         and is_valid_id(request_id)
         and is_valid_id(client_id)
     ):
-        return keys.reply(client_id, request_id)
+        # The owner as the client computed it, even from a tenant the worker refuses: it counted the request so.
+        owner = owner_of(tenant if isinstance(tenant, str) else None, client_id)
+        return Sender(keys.reply(client_id, request_id), owner, f"{client_id}/{request_id}")
     return None
+
+
+def identify_request(data: bytes, keys: Keys, limits: Limits) -> str | None:
+    """Best-effort reply key of an entry that failed validation, so its sender still gets an error event."""
+    sender = identify_sender(data, keys, limits)
+    return None if sender is None else sender.reply
 
 
 def encode_event(event: Event) -> bytes:

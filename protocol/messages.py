@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property
 from typing import Any
 
 from .errors import ErrorCode
@@ -140,18 +141,18 @@ class Request:
         """This request's identity inside a worker: clients choose ids, so only client and id together are unique."""
         return f"{self.client_id}/{self.id}"
 
-    @property
+    @cached_property
     def owner(self) -> str:
         """Whose the request is: `t.<tenant>`, else `c.<client id>`. Its conversations, saved states, cached
         prompts and per-tenant limits belong to this owner."""
         return owner_of(self.tenant, self.client_id)
 
-    @property
+    @cached_property
     def cache_domain(self) -> str:
         """Requests reuse each other's KV only within one domain: the owner, narrowed by the cache salt."""
         return self.owner if self.cache_salt is None else f"{self.owner}/{self.cache_salt}"
 
-    @property
+    @cached_property
     def owned_conversation(self) -> str | None:
         """The conversation as the worker stores it: `<owner>/<conversation>`, so each owner has its own ids."""
         return None if self.conversation is None else owned_conversation(self.owner, self.conversation)

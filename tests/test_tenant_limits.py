@@ -156,3 +156,33 @@ async def test_a_flooding_tenant_cannot_hold_another_tenants_request_back(
     assert calm_first_token_after[0] <= 4, f"the calm tenant's first token came after {calm_first_token_after}"
     assert finished.index("calm") < FLOOD, "served before the flood drained"
     assert in_flight == [0, 0], "every slot was given back"
+
+
+@pytest.mark.slow
+async def test_every_way_a_request_is_answered_gives_its_slot_back(
+    redis_url: str, model_path: Path, prefix: str
+) -> None:
+    """With one request in flight allowed, a tenant can go on sending only if each answer gave the slot back:
+    requests the worker refuses as malformed, an op it refuses, one whose deadline passed in the queue, a stored
+    turn. Before, a refused malformed request kept its slot for an hour."""
+    settings = worker_settings(redis_url, model_path, prefix, max_tenant_in_flight=1, max_tenant_backlog=1)
+    keys = Keys(prefix)
+    redis = aioredis.Redis.from_url(redis_url)
+    try:
+        async with running_worker(settings), Client.from_url(redis_url, prefix=prefix, tenant="acme") as client:
+            for _ in range(3):
+                with pytest.raises(RequestFailed) as malformed:
+                    await client.completion("x", max_tokens=1, top_p=7.0)
+                assert malformed.value.code is ErrorCode.INVALID_REQUEST
+            with pytest.raises(RequestFailed) as unknown:
+                await client.get_conversation("never-talked")
+            assert unknown.value.code is ErrorCode.INVALID_REQUEST
+            with pytest.raises(RequestFailed) as late:
+                await client.completion("x", max_tokens=1, deadline_s=0.000001)
+            assert late.value.code is ErrorCode.DEADLINE_EXCEEDED
+            await client.chat([{"role": "user", "content": "Hi"}], conversation="acme-chat-1", max_tokens=2)
+            assert (await client.completion("x", max_tokens=1)).usage.completion_tokens == 1
+        owner = owner_of("acme", "unused00")
+        assert [await redis.zcard(k) for k in (keys.tenant_in_flight(owner), keys.tenant_backlog(owner))] == [0, 0]
+    finally:
+        await redis.aclose()

@@ -24,8 +24,9 @@ from llamaq.protocol import (
     Request,
     RequestKind,
     ResultEvent,
+    Sender,
     decode_request,
-    identify_request,
+    identify_sender,
 )
 
 from .conversations import ConversationStore, live_owner
@@ -142,12 +143,12 @@ class Intake:
             request = decode_request(data, self._keys, self._limits)
         except ProtocolError as exc:
             log.info("entry %r refused: %s", entry.id, exc.message)
-            await self._reject(entry, identify_request(data, self._keys, self._limits), exc)
+            await self._reject_sender(entry, identify_sender(data, self._keys, self._limits), exc)
             return
         except Exception:  # a codec bug must cost one entry, never the intake that serves all
             log.exception("entry %r could not be decoded", entry.id)
             error = ProtocolError(ErrorCode.INVALID_REQUEST, "unreadable request")
-            await self._reject(entry, _identify_safely(data, self._keys, self._limits), error)
+            await self._reject_sender(entry, _identify_safely(data, self._keys, self._limits), error)
             return
         reply_key = self._keys.reply(request.client_id, request.id)
         if request.key in self._in_flight:
@@ -211,6 +212,13 @@ class Intake:
         self.handed_over += 1
         return True
 
+    async def _reject_sender(self, entry: Entry, sender: Sender | None, error: ProtocolError) -> None:
+        """Answer an entry that failed validation, as far as it says who sent it (and give its slot back)."""
+        if sender is None:
+            await self._reject(entry, None, error)
+        else:
+            await self._reject(entry, sender.reply, error, TenantSlot(sender.owner, sender.key))
+
     async def _reject(
         self, entry: Entry, reply_key: str | None, error: ProtocolError, slot: TenantSlot | None = None
     ) -> None:
@@ -235,9 +243,9 @@ class Intake:
         await self._publisher.answer(entry.id, ticket.reply_key, event, entry.stream, ticket.slot)
 
 
-def _identify_safely(data: bytes, keys: Keys, limits: Limits) -> str | None:
+def _identify_safely(data: bytes, keys: Keys, limits: Limits) -> Sender | None:
     try:
-        return identify_request(data, keys, limits)
+        return identify_sender(data, keys, limits)
     except Exception:  # noqa: BLE001 - no identity is the safe answer for an entry that broke the codec
         return None
 
