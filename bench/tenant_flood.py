@@ -1,10 +1,12 @@
 """One tenant floods the queue; how long does another tenant's request wait for its first token?
 
-A worker (4 sequences, 4 waiting) serves a flood of FLOOD requests from tenant `flood`, which resubmits
-whatever the queue refuses (wait_if_overloaded). Once the flood is queued, tenant `calm` sends CALM requests
-one after the other; each one's time to first token is measured at the client, from submit to its first token
-event (so its time in the Redis stream counts). Rounds alternate between a worker without per-tenant limits and
-one with them, each on a fresh key prefix; a last round measures the calm requests with no flood at all.
+A worker (4 sequences, 4 waiting; one llama.cpp thread, which stays steady on a shared machine) serves a flood
+of FLOOD requests from tenant `flood`, which resubmits whatever the queue refuses (wait_if_overloaded). Once the
+flood is queued, tenant `calm` sends one request; its time to first token is measured at the client, from
+submit to its first token event (so its time in the Redis stream counts), in seconds and in the worker's decode
+steps meanwhile (which a shared, noisy machine does not change). Rounds alternate between a worker without
+per-tenant limits and one with them, each on a fresh key prefix; a last round measures the calm request with no
+flood at all.
 
     .venv/bin/python bench/tenant_flood.py [--rounds 2] [--out bench/results/tenant_flood.md]
 """
@@ -30,9 +32,8 @@ from llamaq.worker.service import Worker
 from llamaq.worker.settings import WorkerSettings
 
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
-FLOOD = 40
+FLOOD = 32
 FLOOD_TOKENS = 16
-CALM = 3
 MODES = {
     "no per-tenant limits": {"max_tenant_in_flight": 0, "max_tenant_backlog": 0},
     "in flight 12, backlog 4": {"max_tenant_in_flight": 12, "max_tenant_backlog": 4},
@@ -53,23 +54,28 @@ async def running_worker(settings: WorkerSettings) -> AsyncIterator[Worker]:
         await task
 
 
-async def calm_ttfts(client: Client) -> list[float]:
-    """Time to first token, in seconds, of CALM requests of tenant `calm` sent one after the other."""
-    seconds = []
-    for _ in range(CALM):
-        started = time.monotonic()
-        handle = await client.submit(prompt=COUNTING, max_tokens=4, temperature=0, tenant="calm")
-        async with handle:
-            async for event in handle:
-                if isinstance(event, TokenEvent):
-                    seconds.append(time.monotonic() - started)
-                    break
-            await handle.result()
-    return seconds
+def steps(worker: Worker) -> float:
+    """Decode steps the worker has run."""
+    metrics = worker.metrics
+    assert metrics is not None
+    return metrics.registry.get_sample_value("llamaq_step_seconds_count", {"model": metrics.model}) or 0.0
 
 
-async def one_round(url: str, limits: dict[str, int] | None) -> list[float]:
-    """The calm tenant's TTFTs beside a flood (limits given) or alone (None)."""
+async def calm_ttft(client: Client, worker: Worker) -> tuple[float, float]:
+    """Time to first token of one request of tenant `calm`: seconds, and the worker's decode steps meanwhile."""
+    started, steps_before = time.monotonic(), steps(worker)
+    handle = await client.submit(prompt=COUNTING, max_tokens=4, temperature=0, tenant="calm")
+    async with handle:
+        async for event in handle:
+            if isinstance(event, TokenEvent):
+                ttft = time.monotonic() - started, steps(worker) - steps_before
+                break
+        await handle.result()
+    return ttft
+
+
+async def one_round(url: str, limits: dict[str, int] | None) -> tuple[float, float]:
+    """The calm tenant's TTFT beside a flood (limits given) or alone (None)."""
     prefix = f"flood{secrets.token_hex(3)}"
     settings = WorkerSettings(
         redis_url=url,
@@ -81,9 +87,9 @@ async def one_round(url: str, limits: dict[str, int] | None) -> list[float]:
         metrics_port=None,
         **(limits or {}),  # type: ignore[arg-type]
     )
-    async with running_worker(settings), Client.from_url(url, prefix=prefix) as client:
+    async with running_worker(settings) as worker, Client.from_url(url, prefix=prefix) as client:
         if limits is None:
-            return await calm_ttfts(client)
+            return await calm_ttft(client, worker)
 
         async def flood_one() -> None:
             options = {"tenant": "flood", "wait_if_overloaded": True, "deadline_s": 900.0}
@@ -95,30 +101,32 @@ async def one_round(url: str, limits: dict[str, int] | None) -> list[float]:
             for _ in range(FLOOD):
                 group.start_soon(flood_one)
             await anyio.sleep(1.0)  # the flood is queued (or waiting for room)
-            result = await calm_ttfts(client)
+            result = await calm_ttft(client, worker)
             group.cancel_scope.cancel()
         return result
 
 
 async def main(rounds: int, out: Path) -> None:
-    results: dict[str, list[float]] = {name: [] for name in [*MODES, "no flood"]}
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in [*MODES, "no flood"]}
     with EmbeddedValkey() as valkey:
         for _ in range(rounds):
             for name, limits in MODES.items():
-                results[name] += await one_round(valkey.url, limits)
-                print(name, [round(s, 2) for s in results[name]], flush=True)
-        results["no flood"] = await one_round(valkey.url, None)
+                results[name].append(await one_round(valkey.url, limits))
+                print(name, results[name], flush=True)
+        results["no flood"].append(await one_round(valkey.url, None))
     lines = [
         f"# Another tenant's TTFT while one tenant floods ({FLOOD} requests of {FLOOD_TOKENS} tokens)",
         "",
-        f"{time.strftime('%Y-%m-%d')}, worker with 4 sequences and 4 waiting, {rounds} alternated rounds, "
-        f"{CALM} calm requests each.",
+        f"{time.strftime('%Y-%m-%d')}, worker with 4 sequences and 4 waiting, {rounds} alternated rounds.",
         "",
-        "| worker | calm TTFT median (s) | max (s) |",
-        "|---|---|---|",
+        "| worker | calm TTFT median (s) | max (s) | decode steps before its first token, median |",
+        "|---|---|---|---|",
     ]
-    for name, seconds in results.items():
-        lines.append(f"| {name} | {statistics.median(seconds):.2f} | {max(seconds):.2f} |")
+    for name, measured in results.items():
+        seconds, counted = [m[0] for m in measured], [m[1] for m in measured]
+        lines.append(
+            f"| {name} | {statistics.median(seconds):.2f} | {max(seconds):.2f} | {statistics.median(counted):.0f} |"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

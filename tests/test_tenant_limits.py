@@ -113,7 +113,14 @@ async def test_a_flooding_tenant_cannot_hold_another_tenants_request_back(
     it waited behind the whole flood: its first token came after 8 completions or more. The worker gives back
     every slot it took."""
     settings = worker_settings(
-        redis_url, model_path, prefix, parallel=2, max_waiting=1, max_tenant_in_flight=4, max_tenant_backlog=2
+        redis_url,
+        model_path,
+        prefix,
+        parallel=2,
+        max_waiting=1,
+        max_tenant_in_flight=4,
+        max_tenant_backlog=2,
+        threads=1,
     )
     keys = Keys(prefix)
     finished: list[str] = []
