@@ -19,7 +19,6 @@ from llamaq.protocol import (
     DEFAULT_PREFIX,
     DEFAULT_QUEUE,
     ENQUEUE_SCRIPT,
-    MAX_BACKLOG_FIELD,
     REQUEST_FIELD,
     ConversationCommand,
     ConversationOp,
@@ -27,12 +26,15 @@ from llamaq.protocol import (
     ErrorCode,
     Event,
     Keys,
+    Refusal,
     Request,
     RequestKind,
     TokenEvent,
     encode_request,
     is_valid_id,
 )
+from llamaq.protocol.admission import SLOT_GRACE_S, SLOT_TTL_S
+from llamaq.protocol.keys import is_valid_name
 
 from .connection import open_redis
 from .errors import RequestFailed, succeeded
@@ -42,6 +44,11 @@ from .reply_reader import ReplyReader
 from .request_handle import Completion, RequestHandle
 
 WAKE_TTL_S = 3600
+REFUSALS = {
+    Refusal.BACKLOG_FULL: "the queue's backlog is full; try again later",
+    Refusal.TENANT_IN_FLIGHT: "this tenant has as many requests in flight as the queue allows; try again later",
+    Refusal.TENANT_BACKLOG: "this tenant has as many requests waiting in the queue as it allows; try again later",
+}
 
 
 class Client:
@@ -54,6 +61,7 @@ class Client:
         prefix: str = DEFAULT_PREFIX,
         queue: str = DEFAULT_QUEUE,
         client_id: str | None = None,
+        tenant: str | None = None,
         block_ms: int = 2000,
         deadline_grace_s: float = 5.0,
         drain_s: float = 30.0,
@@ -61,6 +69,10 @@ class Client:
         self.client_id = client_id or secrets.token_hex(8)
         if not is_valid_id(self.client_id):
             raise ValueError(f"client id {self.client_id!r} must be 8 to 64 characters of [A-Za-z0-9_-]")
+        if tenant is not None and not is_valid_name(tenant):
+            raise ValueError(f"tenant {tenant!r} must be 1 to 64 characters of [A-Za-z0-9_.-]")
+        self.tenant = tenant
+        """The tenant of every request and conversation operation that names none; None: the client id owns them."""
         self.keys = Keys(prefix=prefix, queue=queue)
         self.wake_key = self.keys.wake(self.client_id)
         self._url = url
@@ -79,9 +91,10 @@ class Client:
         prefix: str = DEFAULT_PREFIX,
         queue: str = DEFAULT_QUEUE,
         client_id: str | None = None,
+        tenant: str | None = None,
     ) -> Client:
-        """A client for `url`, or for $REDIS_URL when url is None."""
-        return cls(resolve_url(url), prefix=prefix, queue=queue, client_id=client_id)
+        """A client for `url`, or for $REDIS_URL when url is None; `tenant` is the default tenant of its requests."""
+        return cls(resolve_url(url), prefix=prefix, queue=queue, client_id=client_id, tenant=tenant)
 
     async def __aenter__(self) -> Client:
         self._redis = open_redis(self._url)
@@ -124,24 +137,34 @@ class Client:
     async def _enqueue(
         self, commands: aioredis.Redis, request: Request, wait_if_overloaded: bool, deadline_s: float | None
     ) -> bytes | str:
-        """Add the request under the queue's backlog bound: `overloaded` at once when full, or wait for room
-        (up to the deadline) when asked to."""
+        """Add the request under the queue's bounds (its backlog, and its tenant's requests in flight and waiting):
+        `overloaded` at once when one is reached, or wait for room (up to the deadline) when asked to."""
         payload = encode_request(request, self.keys)
         give_up_at = None if deadline_s is None else anyio.current_time() + deadline_s
+        slot_s = SLOT_TTL_S if deadline_s is None else deadline_s + SLOT_GRACE_S
+        tenant_keys = self.keys.tenant_in_flight(request.owner), self.keys.tenant_backlog(request.owner)
         delay = 0.05
         while True:
             pipe = commands.pipeline(transaction=False)
             pipe.xadd(self.wake_key, {"w": "1"}, maxlen=1, approximate=False)
             pipe.expire(self.wake_key, WAKE_TTL_S)
             pipe.eval(
-                ENQUEUE_SCRIPT, 2, self.keys.requests, self.keys.config, payload, MAX_BACKLOG_FIELD, REQUEST_FIELD
+                ENQUEUE_SCRIPT,
+                4,
+                self.keys.requests,
+                self.keys.config,
+                *tenant_keys,
+                payload,
+                REQUEST_FIELD,
+                request.key,
+                max(1, int(slot_s * 1000)),
             )
             *_, entry_id = await pipe.execute()
-            if entry_id is not None:
+            if isinstance(entry_id, bytes | str):
                 entry: bytes | str = entry_id
                 return entry
             if not wait_if_overloaded or (give_up_at is not None and anyio.current_time() + delay > give_up_at):
-                raise RequestFailed(ErrorCode.OVERLOADED, "the queue's backlog is full; try again later")
+                raise RequestFailed(ErrorCode.OVERLOADED, REFUSALS.get(entry_id, REFUSALS[Refusal.BACKLOG_FULL]))
             await anyio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
@@ -229,47 +252,58 @@ class Client:
         """Run `n` generations of one raw prompt to the end (see submit_choices)."""
         return await _results(await self.submit_choices(n, prompt=prompt, **options))
 
-    async def get_conversation(self, conversation: str) -> dict[str, Any]:
-        """A named conversation's stored history: messages (chat) or text (completion), and its token count."""
-        return await self._operate(conversation, ConversationCommand(ConversationOp.GET))
+    async def get_conversation(self, conversation: str, *, tenant: str | None = None) -> dict[str, Any]:
+        """A named conversation's stored history: messages (chat) or text (completion), and its token count.
+
+        Like every conversation operation, it acts on the conversations of `tenant` (default: the client's own
+        tenant, else the client id); another owner's conversation answers as an unknown one."""
+        return await self._operate(conversation, ConversationCommand(ConversationOp.GET), tenant)
 
     async def rewind_conversation(
-        self, conversation: str, *, to_message: int | None = None, drop_tokens: int | None = None
+        self,
+        conversation: str,
+        *,
+        to_message: int | None = None,
+        drop_tokens: int | None = None,
+        tenant: str | None = None,
     ) -> dict[str, Any]:
         """Cut a chat back to its first `to_message` messages, or a completion conversation by `drop_tokens`."""
         command = ConversationCommand(ConversationOp.REWIND, to_message=to_message, drop_tokens=drop_tokens)
-        return await self._operate(conversation, command)
+        return await self._operate(conversation, command, tenant)
 
-    async def fork_conversation(self, conversation: str, into: str | None = None) -> str:
+    async def fork_conversation(self, conversation: str, into: str | None = None, *, tenant: str | None = None) -> str:
         """Start a new conversation as a copy of this one (its KV is reused on its next turn); its id."""
         into = into or secrets.token_hex(16)
-        await self._operate(conversation, ConversationCommand(ConversationOp.FORK, into=into))
+        await self._operate(conversation, ConversationCommand(ConversationOp.FORK, into=into), tenant)
         return into
 
-    async def delete_conversation(self, conversation: str) -> None:
+    async def delete_conversation(self, conversation: str, *, tenant: str | None = None) -> None:
         """Forget a conversation: its history in Redis and the KV the worker cached for it."""
-        await self._operate(conversation, ConversationCommand(ConversationOp.DELETE))
+        await self._operate(conversation, ConversationCommand(ConversationOp.DELETE), tenant)
 
-    async def save_state(self, conversation: str) -> dict[str, Any]:
+    async def save_state(self, conversation: str, *, tenant: str | None = None) -> dict[str, Any]:
         """Have the worker write the conversation's KV to its state directory, kept until deleted."""
-        return await self._operate(conversation, ConversationCommand(ConversationOp.SAVE_STATE))
+        return await self._operate(conversation, ConversationCommand(ConversationOp.SAVE_STATE), tenant)
 
-    async def load_state(self, conversation: str) -> dict[str, Any]:
+    async def load_state(self, conversation: str, *, tenant: str | None = None) -> dict[str, Any]:
         """Have a worker load the conversation's saved KV into its cache (verified) ahead of the next turn."""
-        return await self._operate(conversation, ConversationCommand(ConversationOp.LOAD_STATE))
+        return await self._operate(conversation, ConversationCommand(ConversationOp.LOAD_STATE), tenant)
 
-    async def list_states(self) -> list[dict[str, Any]]:
-        """The saved and swapped KV states in the state directory of the worker that answers."""
-        result = await self._operate(None, ConversationCommand(ConversationOp.LIST_STATES))
+    async def list_states(self, *, tenant: str | None = None) -> list[dict[str, Any]]:
+        """The saved and swapped KV states of the tenant's (else this client's) conversations in the state
+        directory of the worker that answers."""
+        result = await self._operate(None, ConversationCommand(ConversationOp.LIST_STATES), tenant)
         states: list[dict[str, Any]] = result["states"]
         return states
 
-    async def delete_state(self, conversation: str) -> int:
+    async def delete_state(self, conversation: str, *, tenant: str | None = None) -> int:
         """Delete the conversation's state files (its history stays); how many there were."""
-        result = await self._operate(conversation, ConversationCommand(ConversationOp.DELETE_STATE))
+        result = await self._operate(conversation, ConversationCommand(ConversationOp.DELETE_STATE), tenant)
         return int(result["deleted"])
 
-    async def _operate(self, conversation: str | None, command: ConversationCommand) -> dict[str, Any]:
+    async def _operate(
+        self, conversation: str | None, command: ConversationCommand, tenant: str | None
+    ) -> dict[str, Any]:
         request = Request(
             id=secrets.token_hex(16),
             client_id=self.client_id,
@@ -277,6 +311,7 @@ class Client:
             conversation=conversation,
             command=command,
             created=time.time(),
+            tenant=tenant or self.tenant,
         )
         async with await self._send(request, None) as handle:
             return await handle.outcome()
@@ -304,7 +339,8 @@ class Client:
             conversation=options.get("conversation"),
             append=bool(options.get("append", False)),
             priority=int(options.get("priority", 0)),
-            tenant=options.get("tenant"),
+            tenant=options.get("tenant") or self.tenant,
+            cache_salt=options.get("cache_salt"),
         )
 
     def _commands(self) -> aioredis.Redis:

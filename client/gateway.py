@@ -31,6 +31,7 @@ from llamaq.protocol import DEFAULT_PREFIX, DEFAULT_QUEUE, Keys, is_valid_id
 from .client import Client
 from .connection import open_redis
 from .gateway_auth import ENV_VAR, ApiKeys
+from .gateway_guards import Guards, default_allowed_hosts
 from .gateway_metrics import GatewayMetrics
 from .gateway_presence import WorkerPresence
 from .gateway_routes import Gateway
@@ -66,12 +67,22 @@ class GatewaySettings:
     client_id: str | None = None
     """The queue client's id (its keys' hash tag); None draws a random one. Under Redis ACLs that pin users to
     client ids, give each gateway process its own fixed id."""
+    allowed_hosts: tuple[str, ...] | None = None
+    """Host header names answered (`*`: any; a leading dot: subdomains too); None: loopback and the bound address."""
+    cors_origins: tuple[str, ...] = ()
+    """Origins whose browser pages may call the API (`*`: any); none: CORS off."""
+
+    def guards(self, bound_host: str) -> Guards:
+        """The Host and CORS rules of a gateway bound to `bound_host`."""
+        hosts = self.allowed_hosts if self.allowed_hosts is not None else default_allowed_hosts(bound_host)
+        return Guards(hosts, self.cors_origins)
 
 
-def create_app(settings: GatewaySettings) -> web.Application:
+def create_app(settings: GatewaySettings, bound_host: str = DEFAULT_HOST) -> web.Application:
     """The gateway's aiohttp application; its queue client and Redis connection open on startup, close on cleanup."""
     app = web.Application(client_max_size=settings.max_body_bytes)
-    gateway = Gateway(settings.api_keys, GatewayMetrics(settings.process_metrics), settings.max_body_bytes)
+    metrics = GatewayMetrics(settings.process_metrics)
+    gateway = Gateway(settings.api_keys, metrics, settings.max_body_bytes, settings.guards(bound_host))
     gateway.add_routes(app)
     app[GATEWAY] = gateway
 
@@ -103,7 +114,7 @@ async def running_gateway(settings: GatewaySettings, host: str = "127.0.0.1", po
     """A gateway serving in this event loop until the block ends; yields its base URL (port 0: a free one)."""
     # handler_cancellation: a caller that disconnects cancels its handler, and so its requests in the queue.
     runner = web.AppRunner(
-        create_app(settings), handler_cancellation=True, shutdown_timeout=SHUTDOWN_TIMEOUT_S, access_log=None
+        create_app(settings, host), handler_cancellation=True, shutdown_timeout=SHUTDOWN_TIMEOUT_S, access_log=None
     )
     await runner.setup()
     try:
@@ -142,6 +153,9 @@ async def serve(settings: GatewaySettings, host: str, port: int, out: TextIO = s
                 file=out,
             )
         print(f"OpenAI API at {url}/v1, chat page at {url}/", file=out)
+        guards = settings.guards(host)
+        print(f"Host names answered: {', '.join(guards.allowed_hosts)} (--allowed-hosts)", file=out)
+        print(f"CORS: {', '.join(guards.cors_origins) or 'off'} (--cors-origins)", file=out)
         print(f"queue {settings.queue!r}, key prefix {settings.prefix!r}", file=out)
         print(READY_LINE, file=out, flush=True)
         await stop.wait()
@@ -159,6 +173,8 @@ def run_gateway(
     *,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     client_id: str | None = None,
+    allowed_hosts: tuple[str, ...] | None = None,
+    cors_origins: tuple[str, ...] = (),
 ) -> int:
     """Run a gateway in the foreground until SIGINT/SIGTERM; the process exit code."""
     url = redis_url or os.environ.get("REDIS_URL")
@@ -168,7 +184,16 @@ def run_gateway(
     try:
         Keys(prefix, queue)  # ValueError for names that cannot go into key names
         keys = ApiKeys.from_environment(api_keys_file)
-        settings = GatewaySettings(url, prefix, queue, keys, max_body_bytes, client_id=client_id)
+        settings = GatewaySettings(
+            url,
+            prefix,
+            queue,
+            keys,
+            max_body_bytes,
+            client_id=client_id,
+            allowed_hosts=allowed_hosts,
+            cors_origins=cors_origins,
+        )
         if client_id is not None and not is_valid_id(client_id):
             raise ValueError(f"--client-id {client_id!r} must be 8 to 64 characters of [A-Za-z0-9_-]")
     except (OSError, ValueError) as exc:
@@ -203,8 +228,29 @@ def add_gateway_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
         default=None,
         help="the queue client's id (default: random); under Redis ACLs, a fixed one per gateway process",
     )
+    parser.add_argument(
+        "--allowed-hosts",
+        type=_names,
+        default=None,
+        help="comma-separated Host header names to answer (a leading dot allows subdomains, * any); default: "
+        "localhost, 127.0.0.1, ::1 and the --host address. Others get 403 (DNS rebinding protection)",
+    )
+    parser.add_argument(
+        "--cors-origins",
+        type=_names,
+        default=(),
+        help="comma-separated origins (https://chat.example.com, or *) whose browser pages may call the API; "
+        "default: none, CORS off",
+    )
     parser.set_defaults(handler=_run_from_args)
     return parser
+
+
+def _names(value: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in value.split(",") if name.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one name")
+    return names
 
 
 def _run_from_args(args: argparse.Namespace) -> int:
@@ -217,6 +263,8 @@ def _run_from_args(args: argparse.Namespace) -> int:
         args.api_keys_file,
         max_body_bytes=args.max_body_bytes,
         client_id=args.client_id,
+        allowed_hosts=args.allowed_hosts,
+        cors_origins=args.cors_origins,
     )
 
 

@@ -73,7 +73,7 @@ def digest(key: str) -> bytes:
 
 def _add(tenants: dict[bytes, str], entry: str, where: str) -> None:
     tenant, sep, key = entry.partition(":")
-    if not sep or not _TENANT.match(tenant):
+    if not sep or not _TENANT.fullmatch(tenant):
         raise ValueError(f"{where}: expected tenant:key with a tenant of [A-Za-z0-9_.-], 1 to 64 characters")
     if len(key) < MIN_KEY_CHARS:
         raise ValueError(f"{where}: the key of tenant {tenant} is shorter than {MIN_KEY_CHARS} characters")

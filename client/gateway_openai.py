@@ -154,7 +154,8 @@ def tenant_of_user(user: str | None) -> str | None:
     """A fairness key from OpenAI's `user` field: itself when it is a valid tenant name, else a digest of it."""
     if not user:
         return None
-    return user if _TENANT.match(user) else "u-" + hashlib.sha256(user.encode()).hexdigest()[:16]
+    # fullmatch: match() with `$` accepts a name followed by a newline, which the worker then refuses (a 400).
+    return user if _TENANT.fullmatch(user) else "u-" + hashlib.sha256(user.encode()).hexdigest()[:16]
 
 
 def _options(endpoint: Endpoint, body: dict[str, Any], headers: Mapping[str, str]) -> RequestOptions:
@@ -182,11 +183,19 @@ def _options(endpoint: Endpoint, body: dict[str, Any], headers: Mapping[str, str
         if timeout <= 0:
             raise invalid("timeout must be a positive number of seconds", "timeout")
         options["deadline_s"] = timeout
+    _add_cache_options(options, body, headers)
+    return options
+
+
+def _add_cache_options(options: RequestOptions, body: dict[str, Any], headers: Mapping[str, str]) -> None:
+    """What the worker keeps for the call: a cache salt (vLLM's field), a conversation id."""
+    cache_salt = _str(body, "cache_salt")
+    if cache_salt is not None:
+        options["cache_salt"] = cache_salt
     conversation = _conversation(body, headers)
     if conversation is not None:
         # OpenAI clients resend the whole history every turn: the worker finds the KV by the id, not by appending.
         options["conversation"] = conversation
-    return options
 
 
 def _conversation(body: dict[str, Any], headers: Mapping[str, str]) -> str | None:

@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 from .client import Client
 from .errors import RequestFailed
 from .gateway_auth import ApiKeys
+from .gateway_guards import Guards, require_json
 from .gateway_metrics import ANONYMOUS, CLIENT_CLOSED, GatewayMetrics
 from .gateway_openai import ApiError, Call, Endpoint, failure_error, parse_body, parse_call, tenant_of_user
 from .gateway_presence import WorkerPresence
@@ -43,10 +44,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class Gateway:
     """The routes of one gateway process and what they share: the queue client, worker presence, keys, metrics."""
 
-    def __init__(self, keys: ApiKeys, metrics: GatewayMetrics, max_body_bytes: int) -> None:
+    def __init__(self, keys: ApiKeys, metrics: GatewayMetrics, max_body_bytes: int, guards: Guards) -> None:
         self.keys = keys
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.guards = guards
         self._chat_page = resources.files("llamaq.client").joinpath("static/chat.html").read_bytes()
         self._client: Client | None = None
         self._presence: WorkerPresence | None = None
@@ -71,7 +73,8 @@ class Gateway:
 
     def add_routes(self, app: web.Application) -> None:
         """Register the routes and middlewares on an application."""
-        app.middlewares.extend([self.answer_middleware, self.auth_middleware])
+        app.middlewares.extend([self.answer_middleware, self.guards.host_middleware, self.auth_middleware])
+        self.guards.add_cors(app)
         app.router.add_post(Endpoint.CHAT.value, self.chat_completions)
         app.router.add_post(Endpoint.COMPLETIONS.value, self.completions)
         app.router.add_get("/v1/models", self.models)
@@ -135,8 +138,11 @@ class Gateway:
         label = key_tenant or ANONYMOUS
         workers = await self.presence.require()
         model = call.model or next((w["model"] for w in workers.values() if w.get("model")), DEFAULT_MODEL)
+        # The tenant owns the call's conversation and cached prompt: the API key's, else (no keys) the `user`'s,
+        # else the one tenant of every anonymous caller, whichever gateway replica they reach.
+        tenant = key_tenant or tenant_of_user(call.user) or ANONYMOUS
         async with AsyncExitStack() as stack:
-            handles = await self._submit(stack, call, key_tenant or tenant_of_user(call.user))
+            handles = await self._submit(stack, call, tenant)
             shape = Shape(call, handles[0].id, int(time.time()), model)
             if call.stream:
                 return await self._stream(request, shape, handles, label, started)
@@ -172,11 +178,10 @@ class Gateway:
             if opened:
                 self.metrics.open_streams.dec()
 
-    async def _submit(self, stack: AsyncExitStack, call: Call, tenant: str | None) -> list[RequestHandle]:
+    async def _submit(self, stack: AsyncExitStack, call: Call, tenant: str) -> list[RequestHandle]:
         """One request per choice, each entered into the stack at once so that any failure cancels the others."""
         options = call.options.copy()
-        if tenant is not None:
-            options["tenant"] = tenant
+        options["tenant"] = tenant
         seed = options.get("seed")
         prompts: list[str | None] = [None] if call.messages is not None else list(call.prompts)
         handles = []
@@ -191,6 +196,7 @@ class Gateway:
         return handles
 
     async def _body(self, request: web.Request) -> dict[str, object]:
+        require_json(request)
         if request.content_length is not None and request.content_length > self.max_body_bytes:
             raise _too_large(self.max_body_bytes)
         try:
@@ -236,7 +242,9 @@ class Gateway:
     @web.middleware
     async def auth_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """With API keys configured, /v1/ needs `Authorization: Bearer <key>`; the key names the tenant."""
-        if self.keys.enabled and request.path.startswith("/v1/") and self.tenant(request) is None:
+        # A CORS preflight never carries credentials: it is answered (or refused) by origin alone.
+        needs_key = request.path.startswith("/v1/") and request.method != "OPTIONS"
+        if self.keys.enabled and needs_key and self.tenant(request) is None:
             raise ApiError(
                 401,
                 "missing or unknown API key: send Authorization: Bearer <key>",

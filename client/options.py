@@ -37,7 +37,10 @@ class RequestOptions(SamplingKwargs, total=False):
     priority: int
     """-100 to 100: higher is served first under contention and preempted last."""
     tenant: str | None
-    """Fairness key: the worker shares its sequences between tenants."""
+    """Who the request is for: the worker shares its sequences fairly between tenants and keeps each tenant's
+    conversations and cached prompts to itself. Default: the client's own `tenant`, else none (the client id)."""
+    cache_salt: str | None
+    """Prefix-cache reuse only with requests of the same owner and this same salt (vLLM's `cache_salt`)."""
     wait_if_overloaded: bool
     """When the queue's backlog is full, wait for room (up to deadline_s) instead of failing with overloaded."""
 
@@ -46,7 +49,7 @@ def sampling_params(options: Mapping[str, Any]) -> tuple[SamplingParams, float |
     """Split keyword options into SamplingParams and deadline_s; TypeError on an unknown name."""
     values = dict(options)
     deadline_s = values.pop("deadline_s", None)
-    for name in ("conversation", "append", "priority", "tenant", "wait_if_overloaded"):
+    for name in ("conversation", "append", "priority", "tenant", "cache_salt", "wait_if_overloaded"):
         values.pop(name, None)
     stop = values.pop("stop", None)
     if stop is not None:

@@ -26,8 +26,9 @@ class SyncClient:
         prefix: str = DEFAULT_PREFIX,
         queue: str = DEFAULT_QUEUE,
         client_id: str | None = None,
+        tenant: str | None = None,
     ) -> None:
-        self.client = Client(url, prefix=prefix, queue=queue, client_id=client_id)
+        self.client = Client(url, prefix=prefix, queue=queue, client_id=client_id, tenant=tenant)
         self._portal: BlockingPortal | None = None
         self._stack = ExitStack()
 
@@ -39,9 +40,10 @@ class SyncClient:
         prefix: str = DEFAULT_PREFIX,
         queue: str = DEFAULT_QUEUE,
         client_id: str | None = None,
+        tenant: str | None = None,
     ) -> SyncClient:
-        """A client for `url`, or for $REDIS_URL when url is None."""
-        return cls(resolve_url(url), prefix=prefix, queue=queue, client_id=client_id)
+        """A client for `url`, or for $REDIS_URL when url is None; `tenant` is the default tenant of its requests."""
+        return cls(resolve_url(url), prefix=prefix, queue=queue, client_id=client_id, tenant=tenant)
 
     def __enter__(self) -> SyncClient:
         with ExitStack() as stack:

@@ -1,18 +1,26 @@
 """The llamaq wire protocol: message types, msgpack codecs, validation and key names. Pure data, no I/O."""
 
-from .admission import ENQUEUE_SCRIPT, MAX_BACKLOG_FIELD
+from .admission import (
+    ENQUEUE_SCRIPT,
+    MAX_BACKLOG_FIELD,
+    MAX_TENANT_BACKLOG_FIELD,
+    MAX_TENANT_IN_FLIGHT_FIELD,
+    Refusal,
+)
 from .codec import (
     EVENT_FIELD,
     REQUEST_FIELD,
+    Sender,
     decode_event,
     decode_request,
     encode_event,
     encode_request,
     identify_request,
+    identify_sender,
 )
-from .conversation import History, decode_history, encode_history
+from .conversation import History, conversation_owner, decode_history, encode_history
 from .errors import ErrorCode, ProtocolError
-from .keys import DEFAULT_PREFIX, DEFAULT_QUEUE, Keys, is_valid_id
+from .keys import DEFAULT_PREFIX, DEFAULT_QUEUE, Keys, is_valid_id, is_valid_owner
 from .limits import Limits
 from .messages import (
     PROTOCOL_VERSION,
@@ -33,6 +41,8 @@ from .messages import (
     Timings,
     TokenEvent,
     Usage,
+    owned_conversation,
+    owner_of,
 )
 
 __all__ = [
@@ -41,6 +51,8 @@ __all__ = [
     "ENQUEUE_SCRIPT",
     "EVENT_FIELD",
     "MAX_BACKLOG_FIELD",
+    "MAX_TENANT_BACKLOG_FIELD",
+    "MAX_TENANT_IN_FLIGHT_FIELD",
     "PROTOCOL_VERSION",
     "REQUEST_FIELD",
     "STATE_OPS",
@@ -58,13 +70,16 @@ __all__ = [
     "Limits",
     "PrefixSource",
     "ProtocolError",
+    "Refusal",
     "Request",
     "RequestKind",
     "ResultEvent",
     "SamplingParams",
+    "Sender",
     "Timings",
     "TokenEvent",
     "Usage",
+    "conversation_owner",
     "decode_event",
     "decode_history",
     "decode_request",
@@ -72,5 +87,9 @@ __all__ = [
     "encode_history",
     "encode_request",
     "identify_request",
+    "identify_sender",
     "is_valid_id",
+    "is_valid_owner",
+    "owned_conversation",
+    "owner_of",
 ]

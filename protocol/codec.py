@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import msgpack
@@ -28,6 +28,7 @@ from .messages import (
     Timings,
     TokenEvent,
     Usage,
+    owner_of,
 )
 
 REQUEST_FIELD = b"m"
@@ -55,9 +56,11 @@ _KNOWN_REQUEST_KEYS = frozenset(
         "into",
         "priority",
         "tenant",
+        "cache_salt",
     }
 )
 MAX_PRIORITY = 100
+MAX_CACHE_SALT_CHARS = 256
 _PARAM_NAMES = frozenset(SamplingParams.__dataclass_fields__)
 
 
@@ -88,6 +91,8 @@ def encode_request(request: Request, keys: Keys) -> bytes:
         body["priority"] = request.priority
     if request.tenant is not None:
         body["tenant"] = request.tenant
+    if request.cache_salt is not None:
+        body["cache_salt"] = request.cache_salt
     packed: bytes = msgpack.packb(body, use_bin_type=True)
     return packed
 
@@ -125,7 +130,7 @@ def decode_request(data: bytes, keys: Keys, limits: Limits) -> Request:
         if not prompt:
             raise invalid("prompt must not be empty")
     else:
-        _forbid(body, kind, {"messages", "prompt", "append"})
+        _forbid(body, kind, {"messages", "prompt", "append", "cache_salt"})
         command = parse_command(body)
         if conversation is None and command.op is not ConversationOp.LIST_STATES:
             raise invalid("an op request names its conversation")
@@ -145,6 +150,7 @@ def decode_request(data: bytes, keys: Keys, limits: Limits) -> Request:
         command=command,
         priority=_int_in(body.get("priority", 0), "priority", -MAX_PRIORITY, MAX_PRIORITY),
         tenant=_optional_tenant(body.get("tenant")),
+        cache_salt=_optional_cache_salt(body.get("cache_salt")),
     )
 
 
@@ -171,8 +177,28 @@ def _optional_tenant(value: object) -> str | None:
     return value
 
 
-def identify_request(data: bytes, keys: Keys, limits: Limits) -> str | None:
-    """Best-effort reply key of an entry that failed validation, so its sender still gets an error event."""
+def _optional_cache_salt(value: object) -> str | None:
+    if value is None:
+        return None
+    salt = _require_text(value, "cache_salt", MAX_CACHE_SALT_CHARS)
+    if not salt:
+        raise invalid("cache_salt must not be empty")
+    return salt
+
+
+@dataclass(frozen=True)
+class Sender:
+    """Who sent an entry that failed validation, as far as the entry says: where to answer it, and the owner and
+    member its enqueue counted it as (protocol/admission.py), so that the count is given back."""
+
+    reply: str
+    owner: str
+    key: str
+    """`<client>/<id>`, as Request.key."""
+
+
+def identify_sender(data: bytes, keys: Keys, limits: Limits) -> Sender | None:
+    """Best-effort sender of an entry that failed validation, so it still gets an error event and its slot back."""
     if len(data) > limits.max_entry_bytes:
         return None
     try:
@@ -181,15 +207,23 @@ def identify_request(data: bytes, keys: Keys, limits: Limits) -> str | None:
         return None
     if not isinstance(body, Mapping):
         return None
-    request_id, client_id = body.get("id"), body.get("client")
+    request_id, client_id, tenant = body.get("id"), body.get("client"), body.get("tenant")
     if (
         isinstance(request_id, str)
         and isinstance(client_id, str)
         and is_valid_id(request_id)
         and is_valid_id(client_id)
     ):
-        return keys.reply(client_id, request_id)
+        # The owner as the client computed it, even from a tenant the worker refuses: it counted the request so.
+        owner = owner_of(tenant if isinstance(tenant, str) else None, client_id)
+        return Sender(keys.reply(client_id, request_id), owner, f"{client_id}/{request_id}")
     return None
+
+
+def identify_request(data: bytes, keys: Keys, limits: Limits) -> str | None:
+    """Best-effort reply key of an entry that failed validation, so its sender still gets an error event."""
+    sender = identify_sender(data, keys, limits)
+    return None if sender is None else sender.reply
 
 
 def encode_event(event: Event) -> bytes:

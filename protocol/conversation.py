@@ -35,9 +35,10 @@ class History:
         return body
 
 
-def encode_history(history: History) -> dict[str, bytes]:
-    """The hash fields a history is stored as."""
+def encode_history(history: History, owner: str) -> dict[str, bytes]:
+    """The hash fields a history is stored as, with the owner it belongs to (Request.owner)."""
     return {
+        "owner": owner.encode(),
         "kind": history.kind.value.encode(),
         "messages": msgpack.packb([[m.role, m.content] for m in history.messages], use_bin_type=True),
         "text": history.text.encode(),
@@ -45,15 +46,22 @@ def encode_history(history: History) -> dict[str, bytes]:
     }
 
 
-def decode_history(fields: Mapping[bytes, bytes]) -> History | None:
-    """A history read back with HGETALL; None for a missing (or unreadable) conversation."""
+def decode_history(fields: Mapping[bytes, bytes], owner: str) -> History | None:
+    """A history read back with HGETALL; None for a missing or unreadable conversation, or another owner's."""
     try:
+        if fields[b"owner"].decode() != owner:
+            return None
         kind = RequestKind(fields[b"kind"].decode())
         messages = tuple(ChatMessage(str(r), str(c)) for r, c in msgpack.unpackb(fields[b"messages"], raw=False))
         tokens = tuple(int(t) for t in msgpack.unpackb(fields[b"tokens"], raw=False))
         return History(kind=kind, messages=messages, text=fields[b"text"].decode(), tokens=tokens)
     except (KeyError, ValueError, TypeError, msgpack.UnpackException):
         return None
+
+
+def conversation_owner(owned: str) -> str:
+    """The owner part of an owner-qualified conversation id (Request.owned_conversation)."""
+    return owned.partition("/")[0]
 
 
 def command_to_wire(command: ConversationCommand) -> dict[str, Any]:

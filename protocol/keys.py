@@ -29,6 +29,12 @@ def is_valid_name(value: str) -> bool:
     return bool(_NAME_PATTERN.fullmatch(value))
 
 
+def is_valid_owner(value: str) -> bool:
+    """True for a Request.owner: `t.` and a tenant name, or `c.` and a client id."""
+    kind, dot, name = value.partition(".")
+    return bool(dot) and ((kind == "t" and is_valid_name(name)) or (kind == "c" and is_valid_id(name)))
+
+
 @dataclass(frozen=True)
 class Keys:
     """All key names under one prefix and queue."""
@@ -58,9 +64,10 @@ class Keys:
         """The key whose existence asks the worker to stop a request."""
         return f"{self.prefix}:{{c:{client_id}}}:cancel:{request_id}"
 
-    def conversation(self, conversation_id: str) -> str:
-        """The hash that holds a named conversation's history, under the conversation's own hash tag."""
-        return f"{self.prefix}:{{v:{conversation_id}}}:conversation"
+    def conversation(self, owned_conversation: str) -> str:
+        """The hash that holds a named conversation's history, under the conversation's own hash tag; the id is
+        qualified by its owner (Request.owned_conversation), so every owner has ids of its own."""
+        return f"{self.prefix}:{{v:{owned_conversation}}}:conversation"
 
     def wake(self, client_id: str) -> str:
         """A client's own stream, written to wake its blocked XREAD when it starts a new request."""
@@ -84,10 +91,18 @@ class Keys:
         """A worker's own request stream: turns of conversations it holds, handed over by other workers."""
         return f"{self.prefix}:{{q:{self.queue}}}:inbox:{worker}"
 
-    def owner(self, conversation_id: str) -> str:
+    def owner(self, owned_conversation: str) -> str:
         """Which worker holds a conversation's KV (valid while that worker's heartbeat lives)."""
-        return f"{self.prefix}:{{v:{conversation_id}}}:owner"
+        return f"{self.prefix}:{{v:{owned_conversation}}}:owner"
 
     def taken(self, worker: str) -> str:
         """The set of a worker's request entries that other workers claimed while its heartbeat was missing."""
         return f"{self.prefix}:{{q:{self.queue}}}:taken:{worker}"
+
+    def tenant_in_flight(self, owner: str) -> str:
+        """A sorted set of an owner's requests sent and not yet answered (Request.key, scored by expiry in ms)."""
+        return f"{self.prefix}:{{q:{self.queue}}}:tenant:{owner}:in_flight"
+
+    def tenant_backlog(self, owner: str) -> str:
+        """A sorted set of an owner's requests sent and not yet read by a worker (as tenant_in_flight)."""
+        return f"{self.prefix}:{{q:{self.queue}}}:tenant:{owner}:backlog"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property
 from typing import Any
 
 from .errors import ErrorCode
@@ -130,12 +131,41 @@ class Request:
     priority: int = 0
     """Higher is served first under contention, and preempted last; -100 to 100."""
     tenant: str | None = None
-    """Who the request is for (a user, a team, an API key): a worker shares its sequences fairly between tenants."""
+    """Who the request is for (a user, a team, an API key): a worker shares its sequences fairly between tenants,
+    and keeps each tenant's conversations and cached prompts to itself."""
+    cache_salt: str | None = None
+    """Narrows prefix-cache reuse further: only requests of the same owner and the same salt share KV."""
 
     @property
     def key(self) -> str:
         """This request's identity inside a worker: clients choose ids, so only client and id together are unique."""
         return f"{self.client_id}/{self.id}"
+
+    @cached_property
+    def owner(self) -> str:
+        """Whose the request is: `t.<tenant>`, else `c.<client id>`. Its conversations, saved states, cached
+        prompts and per-tenant limits belong to this owner."""
+        return owner_of(self.tenant, self.client_id)
+
+    @cached_property
+    def cache_domain(self) -> str:
+        """Requests reuse each other's KV only within one domain: the owner, narrowed by the cache salt."""
+        return self.owner if self.cache_salt is None else f"{self.owner}/{self.cache_salt}"
+
+    @cached_property
+    def owned_conversation(self) -> str | None:
+        """The conversation as the worker stores it: `<owner>/<conversation>`, so each owner has its own ids."""
+        return None if self.conversation is None else owned_conversation(self.owner, self.conversation)
+
+
+def owner_of(tenant: str | None, client_id: str) -> str:
+    """The owner of a request from its tenant and client: the tenant when there is one, else the client."""
+    return f"t.{tenant}" if tenant is not None else f"c.{client_id}"
+
+
+def owned_conversation(owner: str, conversation: str) -> str:
+    """A conversation id qualified by its owner: two owners naming one id have two conversations."""
+    return f"{owner}/{conversation}"
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from llamaq.client import Client
-from llamaq.protocol import Keys, TokenEvent
+from llamaq.protocol import Keys, TokenEvent, owned_conversation, owner_of
 from llamaq.worker.heartbeat import live_workers
 
 from .conftest import running_worker, worker_settings
@@ -35,6 +35,7 @@ async def test_a_turn_read_by_another_worker_is_handed_to_the_owner_and_moves_on
     keys = Keys(prefix)
     redis = aioredis.Redis.from_url(redis_url)
     async with Client.from_url(redis_url, prefix=prefix) as client:
+        held = owned_conversation(owner_of(None, client.client_id), "owned-chat")
         async with running_worker(owner_settings) as owner:
             first = await client.chat(turn(0), conversation="owned-chat", append=True, max_tokens=12)
             busy = await client.submit(prompt="Count to 500: 1, 2, 3,", max_tokens=500, temperature=0)
@@ -53,7 +54,7 @@ async def test_a_turn_read_by_another_worker_is_handed_to_the_owner_and_moves_on
                                 await anyio.sleep(0.05)
                         await busy.cancel()
                         second = await handle.result()
-                    owner_id = (await redis.get(keys.owner("owned-chat"))).decode()
+                    owner_id = (await redis.get(keys.owner(held))).decode()
                     events = [event async for event in busy if isinstance(event, TokenEvent)]
             assert owner.intake_handed_over == 0
         # The owner is gone: the next turn is served by the other worker, rebuilt from the history in Redis.
@@ -61,7 +62,7 @@ async def test_a_turn_read_by_another_worker_is_handed_to_the_owner_and_moves_on
             third = await client.chat(turn(2), conversation="owned-chat", append=True, max_tokens=12)
             history = await client.get_conversation("owned-chat")
             assert survivor.intake_handed_over == 0
-    new_owner = (await redis.get(keys.owner("owned-chat"))).decode()
+    new_owner = (await redis.get(keys.owner(held))).decode()
     await redis.aclose()
     assert events is not None
     assert owner_id == owner_settings.consumer and new_owner == other_settings.consumer

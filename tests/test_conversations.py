@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from llamaq.client import Client, RequestFailed
-from llamaq.protocol import ErrorCode
+from llamaq.protocol import ErrorCode, owned_conversation, owner_of
 
 from .conftest import assert_kv_cache_accounted, running_worker, wait_until_idle, worker_settings
 
@@ -173,12 +173,13 @@ async def test_delete_forgets_the_history_and_the_cached_kv(redis_url: str, mode
                 temperature=0,
             )
             await wait_until_idle(worker)
-            assert loop.kv.owned_by("secret-chat")
+            held = owned_conversation(owner_of(None, client.client_id), "secret-chat")
+            assert loop.kv.owned_by(held)
             await client.delete_conversation("secret-chat")
             with pytest.raises(RequestFailed) as caught:
                 await client.get_conversation("secret-chat")
         await wait_until_idle(worker)
-        assert not loop.kv.owned_by("secret-chat")
+        assert not loop.kv.owned_by(held)
         assert_kv_cache_accounted(worker)
     assert caught.value.code is ErrorCode.INVALID_REQUEST
 

@@ -26,6 +26,7 @@ from aiohttp import web
 from llamaq.client.gateway import DEFAULT_PORT as GATEWAY_PORT
 from llamaq.client.gateway import SHUTDOWN_TIMEOUT_S as GATEWAY_SHUTDOWN_S
 from llamaq.client.gateway_auth import ApiKeys
+from llamaq.client.gateway_guards import Guards
 from llamaq.client.gateway_metrics import GatewayMetrics
 from llamaq.client.gateway_routes import Gateway
 from llamaq.protocol import Keys
@@ -662,7 +663,7 @@ def test_compose_wires_valkey_prometheus_and_grafana_to_the_workers() -> None:
 def gateway_paths() -> set[str]:
     """The paths the gateway's application routes (an application that is never started)."""
     app = web.Application()
-    Gateway(ApiKeys(), GatewayMetrics(process_metrics=False), 1 << 20).add_routes(app)
+    Gateway(ApiKeys(), GatewayMetrics(process_metrics=False), 1 << 20, Guards(("*",))).add_routes(app)
     return {resource.canonical for resource in app.router.resources()}
 
 

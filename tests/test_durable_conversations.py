@@ -28,6 +28,8 @@ SYSTEM = (
     "the weather and the ships that pass, briefly and kindly. "
 ) * 4
 QUESTIONS = ["What do you do at dusk?", "And when the fog comes in?"]
+TENANT = "lighthouse"
+"""The owner of the conversations that outlive one client (its id changes across a restart)."""
 
 
 def turn_messages(conversation_replies: list[str], upto: int, island: str = "Skerry") -> list[dict[str, str]]:
@@ -101,12 +103,13 @@ async def test_a_restarted_worker_resumes_conversations_from_disk_or_from_histor
     islands = dict(zip(names, ["Fair", "Mull", "Eigg"], strict=True))
     settings = worker_settings(redis_url, model_path, prefix, state_dir=tmp_path, swap_min_tokens=16)
     firsts = {}
-    async with running_worker(settings), Client.from_url(redis_url, prefix=prefix) as client:
+    # One tenant owns the conversations, so the clients before and after the restart (other client ids) share them.
+    async with running_worker(settings), Client.from_url(redis_url, prefix=prefix, tenant=TENANT) as client:
         for name in names:
             messages = turn_messages([], 0, islands[name])
             done = await client.chat(messages, conversation=name, max_tokens=24, temperature=0)
             firsts[name] = done.text
-    files = {path.name.split(".")[0]: path for path in tmp_path.glob("*.llqs")}
+    files = {path.name.split(".")[0]: path for path in (tmp_path / f"t.{TENANT}").glob("*.llqs")}
     assert set(files) == set(names), "shutdown saved each conversation held in KV"
     files["resume-missing"].unlink()
     data = bytearray(files["resume-corrupt"].read_bytes())
@@ -114,7 +117,10 @@ async def test_a_restarted_worker_resumes_conversations_from_disk_or_from_histor
     files["resume-corrupt"].write_bytes(bytes(data))
 
     seconds = {}
-    async with running_worker(settings) as worker, Client.from_url(redis_url, prefix=prefix) as client:
+    async with (
+        running_worker(settings) as worker,
+        Client.from_url(redis_url, prefix=prefix, tenant=TENANT) as client,
+    ):
         for name in names:
             messages = turn_messages([firsts[name]], 1, islands[name])
             seconds[name] = await client.chat(messages, conversation=name, max_tokens=24, temperature=0)
@@ -140,7 +146,7 @@ async def test_saved_states_are_listed_loaded_by_another_worker_process_and_dele
     """The explicit operations: save a conversation's state in one worker, load it in another process that runs
     the same model, continue there from the loaded KV, then delete the state."""
     settings = worker_settings(redis_url, model_path, prefix, state_dir=tmp_path)
-    async with running_worker(settings), Client.from_url(redis_url, prefix=prefix) as client:
+    async with running_worker(settings), Client.from_url(redis_url, prefix=prefix, tenant=TENANT) as client:
         first = await client.chat(turn_messages([], 0), conversation="saved-chat", max_tokens=24, temperature=0)
         saved = await client.save_state("saved-chat")
         assert saved["kind"] == "saved" and saved["n_tokens"] > 100
@@ -149,7 +155,7 @@ async def test_saved_states_are_listed_loaded_by_another_worker_process_and_dele
         assert unknown.value.code is ErrorCode.INVALID_REQUEST
     # Graceful shutdown found it saved as it is in KV, so it wrote no swap file besides.
     with worker_process(redis_url, prefix, "--state-dir", str(tmp_path)):
-        async with Client.from_url(redis_url, prefix=prefix) as client:
+        async with Client.from_url(redis_url, prefix=prefix, tenant=TENANT) as client:
             states = await client.list_states()
             assert {(s["conversation"], s["kind"]) for s in states} == {("saved-chat", "saved")}
             loaded = await client.load_state("saved-chat")

@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from llamaq.client import Client
 from llamaq.client.gateway import READY_LINE, GatewaySettings, running_gateway
 from llamaq.client.gateway_auth import ApiKeys
+from llamaq.client.gateway_metrics import ANONYMOUS
 from llamaq.protocol import MAX_BACKLOG_FIELD, REQUEST_FIELD, Keys
 from llamaq.worker.embedded_valkey import free_port
 from llamaq.worker.heartbeat import WorkerIdentity, WorkerLoad, beat
@@ -184,7 +185,8 @@ async def test_conversation_id_names_the_queues_conversation(served: Served) -> 
     second = await client.chat.completions.create(
         model="m", messages=history, max_tokens=12, temperature=0, extra_body={"conversation": conversation}
     )
-    async with Client.from_url(served.redis_url, prefix=served.prefix) as direct:
+    # Callers of a gateway without API keys are all the tenant `anonymous`, which owns the conversation.
+    async with Client.from_url(served.redis_url, prefix=served.prefix, tenant=ANONYMOUS) as direct:
         stored = await direct.get_conversation(conversation)
     assert [m["content"] for m in stored["messages"]][:3] == [m.get("content") for m in history]
     assert first.usage is not None and second.usage is not None and second.usage.prompt_tokens_details is not None
@@ -240,13 +242,14 @@ async def test_invalid_requests_get_400_and_413(served: Served) -> None:
             json.dumps({"messages": HELLO, "stream": True, "stream_options": []}).encode(): "stream_options",
             b"\xff\xfe garbage": "not valid JSON",
         }
+        json_body = {"Content-Type": "application/json"}
         for payload, words in bad.items():
-            async with session.post(f"{served.api}/chat/completions", data=payload) as response:
+            async with session.post(f"{served.api}/chat/completions", data=payload, headers=json_body) as response:
                 error = (await response.json())["error"]
                 assert response.status == 400, payload
                 assert words in error["message"] and error["type"] == "invalid_request_error", payload
         huge = json.dumps({"model": "m", "prompt": "x" * (5 << 20)}).encode()
-        async with session.post(f"{served.api}/completions", data=huge) as response:
+        async with session.post(f"{served.api}/completions", data=huge, headers=json_body) as response:
             assert response.status == 413
             assert (await response.json())["error"]["code"] == "request_too_large"
         async with session.post(

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from llamaq.client import RequestFailed
 from llamaq.client.gateway_auth import ApiKeys
+from llamaq.client.gateway_guards import Guards, default_allowed_hosts
 from llamaq.client.gateway_openai import (
     CONVERSATION_HEADER,
     ApiError,
@@ -203,6 +204,21 @@ def test_user_becomes_a_fairness_key() -> None:
     assert tenant_of_user("alice.b") == "alice.b"
     assert tenant_of_user("alice@example.com") == "u-" + hashlib.sha256(b"alice@example.com").hexdigest()[:16]
     assert tenant_of_user(None) is None
+    # A name with a trailing newline passed the tenant pattern (`$` matches before it), then the worker refused it.
+    assert tenant_of_user("alice\n") == "u-" + hashlib.sha256(b"alice\n").hexdigest()[:16]
+
+
+def test_host_names_are_compared_without_port_case_or_trailing_dot() -> None:
+    guards = Guards(default_allowed_hosts("192.168.1.5"))
+    for header in ("localhost:8080", "LOCALHOST", "127.0.0.1:80", "[::1]:8080", "localhost.", "192.168.1.5:8080"):
+        assert guards.host_allowed(header), header
+    for header in ("evil.example:8080", "localhost.evil.example", "127.0.0.1.nip.io", "[::2]:8080", ""):
+        assert not guards.host_allowed(header), header
+    assert guards.host_allowed(None), "only non-browser clients send no Host"
+    named = Guards(("chat.example.com", ".svc.cluster.local"))
+    assert named.host_allowed("Chat.Example.com:443") and named.host_allowed("llamaq-gateway.llamaq.svc.cluster.local")
+    assert not named.host_allowed("localhost") and not named.host_allowed("example.com")
+    assert Guards(("*",)).host_allowed("anything.at.all")
 
 
 def test_api_keys_are_digests_that_name_tenants(tmp_path: Path) -> None:

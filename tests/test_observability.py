@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 from llamaq.client import Client, RequestFailed
-from llamaq.protocol import ErrorCode, Keys
+from llamaq.protocol import ErrorCode, Keys, owned_conversation, owner_of
 from llamaq.worker.service import Worker
 from llamaq.worker.state_dir import StateKind
 from llamaq.worker.state_file import decode_state, encode_state
@@ -99,12 +99,16 @@ async def test_swaps_refusals_and_failed_restore_checks_are_counted(
             for name in ("evictor-one", "evictor-two"):
                 group.start_soon(lambda n=name: client.chat(chat(n), conversation=n, max_tokens=4))
         fingerprint = loop.state.swap.fingerprint
-        data = (tmp_path / "counted-bad.swap.llqs").read_bytes()
+        owner = owner_of(None, client.client_id)  # the client's conversations' folder and id qualifier
+        data = (tmp_path / owner / "counted-bad.swap.llqs").read_bytes()
         record = decode_state(data, fingerprint)
         wrong_logits = bytes(b ^ 0x01 for b in record.logits)
-        forged = encode_state("counted-bad", list(record.header.tokens), fingerprint, record.payload, wrong_logits)
-        loop.state.swap.states.write("counted-bad", StateKind.SWAP, forged)
-        (tmp_path / "counted-ghost.swap.llqs").write_bytes(data[:20])  # even its header is cut
+        bad = owned_conversation(owner, "counted-bad")
+        forged = encode_state(
+            bad, list(record.header.tokens), fingerprint, record.payload, wrong_logits, record.header.cache_domain
+        )
+        loop.state.swap.states.write(bad, StateKind.SWAP, forged)
+        (tmp_path / owner / "counted-ghost.swap.llqs").write_bytes(data[:20])  # even its header is cut
         outcomes = {}
         for name in ("counted-good", "counted-bad"):
             history = [system(name), *chat(f"{name}?"), {"role": "assistant", "content": firsts[name].text}]

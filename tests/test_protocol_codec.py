@@ -22,6 +22,7 @@ from llamaq.protocol import (
     Request,
     RequestKind,
     SamplingParams,
+    Sender,
     Timings,
     TokenEvent,
     Usage,
@@ -32,6 +33,7 @@ from llamaq.protocol import (
     encode_history,
     encode_request,
     identify_request,
+    identify_sender,
 )
 
 KEYS = Keys()
@@ -141,6 +143,24 @@ def test_invalid_entry_with_valid_ids_can_still_be_answered() -> None:
     assert identify_request(wire(client="{evil}"), KEYS, LIMITS) is None
 
 
+def test_an_invalid_entry_names_the_owner_it_was_counted_under() -> None:
+    key = f"{CLIENT_ID}/{REQUEST_ID}"
+    assert identify_sender(wire(v=9), KEYS, LIMITS) == Sender(KEYS.reply(CLIENT_ID, REQUEST_ID), f"c.{CLIENT_ID}", key)
+    sender = identify_sender(wire(tenant="bad tenant!"), KEYS, LIMITS)
+    assert sender is not None and sender.owner == "t.bad tenant!", "as the client computed it"
+    assert identify_sender(wire(tenant=7, v=2), KEYS, LIMITS) == identify_sender(wire(v=9), KEYS, LIMITS)
+
+
+def test_cache_salt_is_optional_text_and_not_for_ops() -> None:
+    assert decode_request(wire(cache_salt="user-1"), KEYS, LIMITS).cache_salt == "user-1"
+    assert decode_request(wire(cache_salt=None), KEYS, LIMITS).cache_salt is None
+    for bad in ("", 7, "a" * 257, "x\x00y"):
+        with pytest.raises(ProtocolError):
+            decode_request(wire(cache_salt=bad), KEYS, LIMITS)
+    with pytest.raises(ProtocolError, match="cache_salt"):
+        decode_request(op_wire(op="get", cache_salt="user-1"), KEYS, LIMITS)
+
+
 @pytest.mark.parametrize(
     "event",
     [
@@ -224,6 +244,7 @@ def test_malformed_conversation_request_is_invalid_request(data: bytes) -> None:
 
 def test_history_round_trip() -> None:
     history = History(kind=RequestKind.CHAT, messages=(ChatMessage("user", "hi"),), tokens=(1, 2, 3))
-    fields = {k.encode(): v for k, v in encode_history(history).items()}
-    assert decode_history(fields) == history
-    assert decode_history({}) is None
+    fields = {k.encode(): v for k, v in encode_history(history, "t.acme").items()}
+    assert decode_history(fields, "t.acme") == history
+    assert decode_history(fields, "t.other") is None, "another owner's history reads as no history"
+    assert decode_history({}, "t.acme") is None

@@ -22,7 +22,7 @@ from redis.exceptions import AuthenticationError, NoPermissionError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from llamaq.client import Client
-from llamaq.protocol import Keys
+from llamaq.protocol import Keys, owner_of
 from llamaq.worker.embedded_valkey import free_port
 from llamaq.worker.startup import StartupError
 
@@ -349,9 +349,11 @@ def protocol_keys(keys: Keys, client_id: str) -> dict[str, str]:
         if isinstance(member, property):
             value = getattr(keys, name)
         elif inspect.isfunction(member):
-            # A client id that deploy/acl.conf has a user for: only that user may write its wake stream.
+            # A client id that deploy/acl.conf has a user for: only that user may write its wake stream (and the
+            # count sets of its owner, the client itself when it names no tenant).
             parameters = list(inspect.signature(member).parameters)[1:]
-            arguments = [client_id if parameter == "client_id" else f"some-{parameter}" for parameter in parameters]
+            named = {"client_id": client_id, "owner": owner_of(None, client_id)}
+            arguments = [named.get(parameter, f"some-{parameter}") for parameter in parameters]
             value = getattr(keys, name)(*arguments)
         else:
             continue

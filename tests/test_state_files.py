@@ -24,6 +24,8 @@ from llamaq.worker.state_file import (
 
 FINGERPRINT = Fingerprint.of("a" * 64, n_ctx=4096, kv_type="q8_0", n_gpu_layers=0)
 TOKENS = [1, 2, 3, 4, 5]
+A, B, C = "t.acme/conversation-a", "t.acme/conversation-b", "t.acme/conversation-c"
+"""Owner-qualified conversation ids, as the worker names state files."""
 
 
 def state_bytes(fingerprint: Fingerprint = FINGERPRINT, payload: bytes = b"kv" * 100) -> bytes:
@@ -103,42 +105,58 @@ def test_the_header_reads_without_the_payload() -> None:
 
 def test_swap_files_go_least_recently_used_first_to_keep_under_the_cap(tmp_path: Path) -> None:
     states = StateDir(tmp_path, max_bytes=250)
-    for index, name in enumerate(["conversation-a", "conversation-b"]):
+    for index, name in enumerate([A, B]):
         path = states.write(name, StateKind.SWAP, bytes(100))
         os.utime(path, (time.time() - 100 + index, time.time() - 100 + index))
-    states.read("conversation-a", StateKind.SWAP)  # a is now the most recently used
-    states.write("conversation-c", StateKind.SWAP, bytes(100))
+    states.read(A, StateKind.SWAP)  # a is now the most recently used
+    states.write(C, StateKind.SWAP, bytes(100))
     names = {entry.conversation for entry in states.entries()}
-    assert names == {"conversation-a", "conversation-c"}
+    assert names == {A, C}
     assert states.total_bytes() <= 250
 
 
 def test_saved_states_are_never_deleted_to_make_room(tmp_path: Path) -> None:
     states = StateDir(tmp_path, max_bytes=250)
-    states.write("conversation-a", StateKind.SAVED, bytes(100))
-    states.write("conversation-b", StateKind.SAVED, bytes(100))
+    states.write(A, StateKind.SAVED, bytes(100))
+    states.write(B, StateKind.SAVED, bytes(100))
     with pytest.raises(StateDirFull):
-        states.write("conversation-c", StateKind.SWAP, bytes(100))
-    states.write("conversation-b", StateKind.SAVED, bytes(120))  # replacing its own file fits
-    assert {e.conversation for e in states.entries()} == {"conversation-a", "conversation-b"}
+        states.write(C, StateKind.SWAP, bytes(100))
+    states.write(B, StateKind.SAVED, bytes(120))  # replacing its own file fits
+    assert {e.conversation for e in states.entries()} == {A, B}
 
 
 def test_a_swap_file_promoted_to_saved_survives_the_cap(tmp_path: Path) -> None:
     states = StateDir(tmp_path, max_bytes=250)
-    states.write("conversation-a", StateKind.SWAP, bytes(100))
-    assert states.promote("conversation-a")
-    states.write("conversation-b", StateKind.SWAP, bytes(100))
-    states.write("conversation-c", StateKind.SWAP, bytes(100))
+    states.write(A, StateKind.SWAP, bytes(100))
+    assert states.promote(A)
+    states.write(B, StateKind.SWAP, bytes(100))
+    states.write(C, StateKind.SWAP, bytes(100))
     kinds = {(e.conversation, e.kind) for e in states.entries()}
-    assert ("conversation-a", StateKind.SAVED) in kinds and len(kinds) == 2
-    assert states.delete("conversation-a") == 1
+    assert (A, StateKind.SAVED) in kinds and len(kinds) == 2
+    assert states.delete(A) == 1
 
 
 def test_state_file_names_refuse_anything_but_conversation_ids(tmp_path: Path) -> None:
     states = StateDir(tmp_path, max_bytes=1000)
-    for bad in ["../../etc/passwd", "a/b", "short", ""]:
+    for bad in ["../../etc/passwd", "a/b", "short", "", "conversation-a", "t.acme/../../etc", "t.acme/short"]:
         with pytest.raises(ValueError):
             states.file(bad, StateKind.SWAP)
+    for bad_owner in ["x.acme", "t.", "c.short", "t.a/b", "..", "t.ac{me}"]:
+        with pytest.raises(ValueError):
+            states.file(f"{bad_owner}/conversation-a", StateKind.SWAP)
+
+
+def test_each_owner_lists_only_its_own_state_files(tmp_path: Path) -> None:
+    """Files live in a folder per owner; the same conversation id of two owners names two files."""
+    states = StateDir(tmp_path, max_bytes=10_000)
+    states.write("t.acme/conversation-a", StateKind.SAVED, bytes(10))
+    states.write("t.globex/conversation-a", StateKind.SAVED, bytes(20))
+    states.write("c.client-00000001/conversation-b", StateKind.SWAP, bytes(30))
+    assert [e.conversation for e in states.entries("t.acme")] == ["t.acme/conversation-a"]
+    assert [e.n_bytes for e in states.entries("t.globex")] == [20]
+    assert len(states.entries()) == 3 and states.total_bytes() == 60
+    assert states.delete("t.acme/conversation-a") == 1
+    assert states.read("t.globex/conversation-a", StateKind.SAVED) == bytes(20)
 
 
 def test_restoring_is_tried_until_both_costs_are_measured() -> None:

@@ -18,7 +18,8 @@ from llamaq.worker.swap_tier import SwapTier
 
 pytestmark = pytest.mark.slow
 
-CONVERSATION = "conversation-under-test"
+CONVERSATION = "t.acme/conversation-under-test"
+"""Owner-qualified, as the worker names a conversation's state."""
 
 
 def fingerprint_of(engine: Engine) -> Fingerprint:

@@ -69,6 +69,18 @@ def _parser() -> argparse.ArgumentParser:
         default=10_000,
         help="requests the stream may hold before clients get `overloaded` at once (0: unbounded)",
     )
+    worker.add_argument(
+        "--max-tenant-in-flight",
+        type=int,
+        default=128,
+        help="requests one tenant (else client) may have sent and not yet had answered (0: unbounded)",
+    )
+    worker.add_argument(
+        "--max-tenant-backlog",
+        type=int,
+        default=64,
+        help="requests of one tenant (else client) that may wait in the stream unread by a worker (0: unbounded)",
+    )
     limits = Limits()
     worker.add_argument("--max-entry-bytes", type=int, default=limits.max_entry_bytes, help="largest request entry")
     worker.add_argument("--max-messages", type=int, default=limits.max_messages, help="most messages in a chat")
@@ -244,6 +256,8 @@ def _run_worker(args: argparse.Namespace) -> int:
         restore_tolerance=args.restore_tolerance,
         metrics_port=None if args.no_metrics else args.metrics_port,
         max_backlog=args.max_backlog,
+        max_tenant_in_flight=args.max_tenant_in_flight,
+        max_tenant_backlog=args.max_tenant_backlog,
         limits=Limits(
             max_entry_bytes=args.max_entry_bytes,
             max_messages=args.max_messages,

@@ -2,6 +2,10 @@
 
 Redis holds the truth (messages or text, and the last turn's token ids, with a TTL the operator sets), so a
 conversation outlives its KV: a worker that no longer caches it rebuilds it by prefill.
+
+Every conversation belongs to the owner of the requests that name it (Request.owner: the tenant, else the client),
+and is stored under its owner-qualified id (Request.owned_conversation). Another owner's conversation is therefore
+not refused but unreachable: to anyone else its id names a conversation that does not exist yet.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ from llamaq.protocol import (
     Keys,
     Request,
     RequestKind,
+    conversation_owner,
     decode_history,
     encode_history,
+    owned_conversation,
 )
 from llamaq.protocol.errors import invalid
 
@@ -38,16 +44,17 @@ class ConversationStore:
         self._ttl_s = ttl_s
         self._detokenize = detokenize
 
-    async def load(self, conversation: str) -> History | None:
-        """The stored history, or None for an unknown (or expired) conversation."""
-        fields: dict[bytes, bytes] = await self._redis.hgetall(self._keys.conversation(conversation))  # type: ignore[assignment]
-        return decode_history(fields)
+    async def load(self, owned: str) -> History | None:
+        """The stored history of an owner-qualified conversation, or None for an unknown (or expired) one."""
+        fields: dict[bytes, bytes] = await self._redis.hgetall(self._keys.conversation(owned))  # type: ignore[assignment]
+        return decode_history(fields, conversation_owner(owned))
 
     async def resolve(self, request: Request) -> Request:
         """The request with its whole history: an `append` turn gets the stored messages or text in front."""
-        if request.conversation is None or not request.append:
+        owned = request.owned_conversation
+        if owned is None or not request.append:
             return request
-        history = await self.load(request.conversation)
+        history = await self.load(owned)
         if history is None:
             # A first turn sent in the append form: there is nothing to continue yet.
             return replace(request, append=False)
@@ -57,36 +64,39 @@ class ConversationStore:
             return replace(request, messages=history.messages + request.messages, append=False)
         return replace(request, prompt=history.text + request.prompt, append=False)
 
-    def save(self, pipe: Pipeline, conversation: str, history: History, served_here: bool = False) -> None:
+    def save(self, pipe: Pipeline, owned: str, history: History, served_here: bool = False) -> None:
         """Queue the write of a turn's history (and its TTL) on a pipeline; a turn this worker served also
-        makes it the conversation's owner, so other workers hand it the next turn (its KV is here)."""
-        key = self._keys.conversation(conversation)
+        makes it the worker that holds the conversation, so other workers hand it the next turn (its KV is
+        here). `owned` is the owner-qualified id."""
+        key = self._keys.conversation(owned)
         pipe.delete(key)
-        pipe.hset(key, mapping=encode_history(history))  # type: ignore[arg-type]
+        pipe.hset(key, mapping=encode_history(history, conversation_owner(owned)))  # type: ignore[arg-type]
         pipe.expire(key, self._ttl_s)
         if served_here and self._worker:
-            pipe.set(self._keys.owner(conversation), self._worker, ex=self._ttl_s)
+            pipe.set(self._keys.owner(owned), self._worker, ex=self._ttl_s)
 
     async def run(self, request: Request) -> dict[str, Any]:
         """Carry out an `op` request; the map its result event carries. ProtocolError for what cannot be done."""
-        command, conversation = request.command, request.conversation
-        assert command is not None and conversation is not None
-        history = await self.load(conversation)
+        command, conversation, owned = request.command, request.conversation, request.owned_conversation
+        assert command is not None and conversation is not None and owned is not None
+        history = await self.load(owned)
         if history is None:
+            # Also another owner's conversation: the same answer, so the reply tells nothing about who has which id.
             raise invalid(f"unknown conversation {conversation}")
         if command.op is ConversationOp.GET:
             return history.summary(conversation)
         if command.op is ConversationOp.DELETE:
-            await self._redis.delete(self._keys.conversation(conversation), self._keys.owner(conversation))
+            await self._redis.delete(self._keys.conversation(owned), self._keys.owner(owned))
             return {"conversation": conversation, "deleted": True}
         if command.op is ConversationOp.FORK:
             assert command.into is not None
-            if await self._redis.exists(self._keys.conversation(command.into)):
+            into = owned_conversation(request.owner, command.into)
+            if await self._redis.exists(self._keys.conversation(into)):
                 raise invalid(f"conversation {command.into} already exists")
-            await self._write(command.into, history)
+            await self._write(into, history)
             return history.summary(command.into)
         rewound = await self._rewind(history, command.to_message, command.drop_tokens)
-        await self._write(conversation, rewound)
+        await self._write(owned, rewound)
         return rewound.summary(conversation)
 
     async def _rewind(self, history: History, to_message: int | None, drop_tokens: int | None) -> History:
@@ -100,9 +110,9 @@ class ConversationStore:
         kept = list(history.tokens[: max(len(history.tokens) - drop_tokens, 0)])
         return History(kind=history.kind, text=await self._detokenize(kept), tokens=tuple(kept))
 
-    async def _write(self, conversation: str, history: History) -> None:
+    async def _write(self, owned: str, history: History) -> None:
         pipe = self._redis.pipeline(transaction=True)
-        self.save(pipe, conversation, history)
+        self.save(pipe, owned, history)
         await pipe.execute()
 
 
@@ -114,9 +124,9 @@ def next_history(request: Request, reply_text: str, tokens: list[int]) -> Histor
     return History(kind=RequestKind.COMPLETION, text=request.prompt + reply_text, tokens=tuple(tokens))
 
 
-async def live_owner(redis: aioredis.Redis, keys: Keys, conversation: str) -> str | None:
-    """The worker that holds a conversation's KV, if it is alive (its heartbeat is the lease)."""
-    owner = await redis.get(keys.owner(conversation))
+async def live_owner(redis: aioredis.Redis, keys: Keys, owned: str) -> str | None:
+    """The worker that holds an (owner-qualified) conversation's KV, if it is alive (its heartbeat is the lease)."""
+    owner = await redis.get(keys.owner(owned))
     if owner is None:
         return None
     worker = owner.decode() if isinstance(owner, bytes) else str(owner)

@@ -93,6 +93,7 @@ class _Cancel:
 @dataclass(frozen=True)
 class _Forget:
     conversation: str
+    """Owner-qualified (Request.owned_conversation)."""
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ class EngineLoop:
         self._inbox.put(_Cancel(request_key))
 
     def forget(self, conversation: str) -> None:
-        """Drop the cached KV of a deleted conversation."""
+        """Drop the cached KV of a deleted conversation (its owner-qualified id)."""
         self._inbox.put(_Forget(conversation))
 
     def stop(self, drain_timeout_s: float) -> None:
@@ -317,7 +318,7 @@ class EngineLoop:
 
     def _step(self, out: list[Outgoing]) -> StepStats | None:
         if self.state is not None:
-            self.state.restore_waiting(self.scheduler.waiting, self._running_tokens())
+            self.state.restore_waiting(self.scheduler.waiting, self._running_tokens)
         step = self.scheduler.schedule()
         if self.state is not None:
             self.state.swap_out(step.evicted + step.displaced)
@@ -375,8 +376,10 @@ class EngineLoop:
                 log.error("llama.cpp refused to move sequence %d to %d; recomputing it", source, target)
                 self.scheduler.lost_kv(moved[target], idle_id=source if relocation.swap else None)
 
-    def _running_tokens(self) -> dict[int, list[int]]:
-        return {s.seq_id: s.computed_tokens() for s in self.scheduler.running if s.seq_id is not None}
+    def _running_tokens(self, domain: str) -> dict[int, list[int]]:
+        """What the running sequences of one cache domain have computed, by sequence id."""
+        running = (s for s in self.scheduler.running if s.request.cache_domain == domain)
+        return {s.seq_id: s.computed_tokens() for s in running if s.seq_id is not None}
 
     def _reuse_cached_prefix(self, sequence: Sequence) -> None:
         """Give the admitted sequence its cached prefix: copy it from another sequence if need be, then cut
@@ -456,9 +459,9 @@ class EngineLoop:
         self._observe_finished(sequence, reason.value, None)
         history = None
         # A cancelled turn is not part of the conversation: the client never accepted its reply.
-        if request.conversation is not None and reason is not FinishReason.CANCELLED:
+        if request.owned_conversation is not None and reason is not FinishReason.CANCELLED:
             tokens = sequence.prompt_tokens + sequence.generated
-            history = (request.conversation, next_history(request, "".join(sequence.reply), tokens))
+            history = (request.owned_conversation, next_history(request, "".join(sequence.reply), tokens))
         out.append(Outgoing(sequence.key, self._done_event(sequence, reason), history))
 
     def _fail(self, sequence: Sequence, error: ProtocolError, out: list[Outgoing]) -> None:

@@ -7,6 +7,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 
+@dataclass(frozen=True)
+class TenantSlot:
+    """A request's place in its tenant's counts of requests in flight and waiting (protocol/admission.py), given
+    back with its final event."""
+
+    owner: str
+    """Request.owner."""
+    request_key: str
+    """Request.key, the member of the owner's sets."""
+
+
 @dataclass
 class Ticket:
     """Where a request came from and where its events go."""
@@ -22,6 +33,8 @@ class Ticket:
     cancel_sent: bool = False
     next_event: int = 0
     """The number of the next event to write (after those a dead worker published, for a resumed request)."""
+    slot: TenantSlot | None = None
+    """Given back when the request is acked."""
 
 
 class InFlight:

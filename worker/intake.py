@@ -23,13 +23,14 @@ from llamaq.protocol import (
     Request,
     RequestKind,
     ResultEvent,
+    Sender,
     decode_request,
-    identify_request,
+    identify_sender,
 )
 
 from .conversations import ConversationStore, live_owner
 from .engine_loop import EngineLoop, cancelled_before_start
-from .in_flight import InFlight, Ticket
+from .in_flight import InFlight, TenantSlot, Ticket
 from .metrics import WorkerMetrics
 from .publisher import Publisher
 from .redis_errors import Backoff, error_code, is_transient
@@ -135,10 +136,10 @@ class Intake:
         code = error_code(error)
         log.warning("entry %r failed: Redis refused a command on its keys (%s)", entry.id, code)
         data = (fields or {}).get(REQUEST_FIELD)
-        reply_key = None if data is None else _identify_safely(data, self._keys, self._limits)
+        sender = None if data is None else _identify_safely(data, self._keys, self._limits)
         # Only the error code: the reply text of Redis could quote a key that is not the client's.
         failure = ProtocolError(ErrorCode.INTERNAL, f"Redis refused a command on this request's keys ({code})")
-        await self._reject(entry, reply_key, failure)
+        await self._reject_sender(entry, sender, failure)
 
     def _retrying(self, what: str, error: BaseException, backoff: Backoff) -> None:
         code = error_code(error)
@@ -159,13 +160,13 @@ class Intake:
         """Answer an entry delivered too often (every worker that took it died before answering) with
         `internal`, ack it and count it, instead of serving it again."""
         data = (fields or {}).get(REQUEST_FIELD)
-        reply_key = None if data is None else _identify_safely(data, self._keys, self._limits)
+        sender = None if data is None else _identify_safely(data, self._keys, self._limits)
         failure = ProtocolError(
             ErrorCode.INTERNAL, "every worker that took this request stopped before answering it; it is not retried"
         )
         if self.metrics is not None:
             self.metrics.count_dead_letter()
-        await self._reject(Entry(entry_id, stream, claimed=True), reply_key, failure)
+        await self._reject_sender(Entry(entry_id, stream, claimed=True), sender, failure)
 
     async def _accept(self, entry: Entry, fields: dict[bytes, bytes] | None) -> None:
         received_at = time.monotonic()
@@ -178,12 +179,12 @@ class Intake:
             request = decode_request(data, self._keys, self._limits)
         except ProtocolError as exc:
             log.info("entry %r refused: %s", entry.id, exc.message)
-            await self._reject(entry, identify_request(data, self._keys, self._limits), exc)
+            await self._reject_sender(entry, identify_sender(data, self._keys, self._limits), exc)
             return
         except Exception:  # a codec bug must cost one entry, never the intake that serves all
             log.exception("entry %r could not be decoded", entry.id)
             error = ProtocolError(ErrorCode.INVALID_REQUEST, "unreadable request")
-            await self._reject(entry, _identify_safely(data, self._keys, self._limits), error)
+            await self._reject_sender(entry, _identify_safely(data, self._keys, self._limits), error)
             return
         reply_key = self._keys.reply(request.client_id, request.id)
         if request.key in self._in_flight:
@@ -192,40 +193,54 @@ class Intake:
             await self._reject(entry, None, ProtocolError(ErrorCode.INVALID_REQUEST, "duplicate"))
             return
         cancel_key = self._keys.cancel(request.client_id, request.id)
+        slot = TenantSlot(request.owner, request.key)
         if request.deadline is not None and time.time() >= request.deadline:
             error = ProtocolError(ErrorCode.DEADLINE_EXCEEDED, "the deadline passed while the request was queued")
-            await self._reject(entry, reply_key, error)
+            await self._reject(entry, reply_key, error, slot)
             return
-        if await self._redis.exists(cancel_key):
-            await self._publisher.answer(entry.id, reply_key, cancelled_before_start(), entry.stream)
+        if await self._read_and_cancelled(request, cancel_key):
+            await self._publisher.answer(entry.id, reply_key, cancelled_before_start(), entry.stream, slot)
             return
         if request.kind is RequestKind.OP:
-            await self._run_op(entry, reply_key, cancel_key, request, received_at)
+            ticket = Ticket(request.key, entry.id, reply_key, cancel_key, entry.stream, slot=slot)
+            await self._run_op(entry, request, ticket, received_at)
             return
         if await self._hand_to_owner(entry, request, data):
             return
         try:
             request = await self._conversations.resolve(request)
         except ProtocolError as exc:
-            await self._reject(entry, reply_key, exc)
+            await self._reject(entry, reply_key, exc, slot)
             return
         resume = await published_so_far(self._redis, reply_key) if entry.claimed else None
         if resume is not None and resume.finished:
             # The dead worker wrote the final event but died before its ack.
-            await self._publisher.ack(entry.id, entry.stream)
+            await self._publisher.ack(entry.id, entry.stream, slot)
             return
         next_event = 0 if resume is None else resume.next_event
-        self._in_flight.add(Ticket(request.key, entry.id, reply_key, cancel_key, entry.stream, next_event=next_event))
+        self._in_flight.add(
+            Ticket(request.key, entry.id, reply_key, cancel_key, entry.stream, next_event=next_event, slot=slot)
+        )
         self._engine_loop.submit(request, received_at, resume)
+
+    async def _read_and_cancelled(self, request: Request, cancel_key: str) -> bool:
+        """Take the request out of its tenant's backlog (a worker has read it; it still counts as in flight), and
+        tell whether its cancel key exists, in one round trip."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zrem(self._keys.tenant_backlog(request.owner), request.key)
+        pipe.exists(cancel_key)
+        _, cancelled = await pipe.execute()
+        return bool(cancelled)
 
     async def _hand_to_owner(self, entry: Entry, request: Request, data: bytes) -> bool:
         """Send a conversation's turn to the live worker that holds its KV; True if it was handed over.
 
         Only entries of the shared queue move, and only once: a turn in an inbox is served where it is.
         """
-        if request.conversation is None or entry.stream != self._keys.requests or entry.claimed:
+        owned = request.owned_conversation
+        if owned is None or entry.stream != self._keys.requests or entry.claimed:
             return False
-        owner = await live_owner(self._redis, self._keys, request.conversation)
+        owner = await live_owner(self._redis, self._keys, owned)
         if owner is None or owner == self._consumer:
             return False
         pipe = self._redis.pipeline(transaction=False)
@@ -236,32 +251,40 @@ class Intake:
         self.handed_over += 1
         return True
 
-    async def _reject(self, entry: Entry, reply_key: str | None, error: ProtocolError) -> None:
-        await self._publisher.reject(entry.id, reply_key, error, entry.stream)
+    async def _reject_sender(self, entry: Entry, sender: Sender | None, error: ProtocolError) -> None:
+        """Answer an entry that failed validation, as far as it says who sent it (and give its slot back)."""
+        if sender is None:
+            await self._reject(entry, None, error)
+        else:
+            await self._reject(entry, sender.reply, error, TenantSlot(sender.owner, sender.key))
 
-    async def _run_op(
-        self, entry: Entry, reply_key: str, cancel_key: str, request: Request, received_at: float
+    async def _reject(
+        self, entry: Entry, reply_key: str | None, error: ProtocolError, slot: TenantSlot | None = None
     ) -> None:
+        await self._publisher.reject(entry.id, reply_key, error, entry.stream, slot)
+
+    async def _run_op(self, entry: Entry, request: Request, ticket: Ticket, received_at: float) -> None:
         assert request.command is not None
         if request.command.op in STATE_OPS:
             # Saved KV is the engine's: the op runs on its thread, between steps, and answers like a request.
-            self._in_flight.add(Ticket(request.key, entry.id, reply_key, cancel_key, entry.stream))
+            self._in_flight.add(ticket)
             self._engine_loop.submit(request, received_at)
             return
         try:
             result = await self._conversations.run(request)
         except ProtocolError as exc:
-            await self._reject(entry, reply_key, exc)
+            await self._reject(entry, ticket.reply_key, exc, ticket.slot)
             return
-        assert request.conversation is not None
+        assert request.owned_conversation is not None
         if request.command.op is ConversationOp.DELETE:
-            self._engine_loop.forget(request.conversation)
-        await self._publisher.answer(entry.id, reply_key, ResultEvent(n=0, data=result), entry.stream)
+            self._engine_loop.forget(request.owned_conversation)
+        event = ResultEvent(n=0, data=result)
+        await self._publisher.answer(entry.id, ticket.reply_key, event, entry.stream, ticket.slot)
 
 
-def _identify_safely(data: bytes, keys: Keys, limits: Limits) -> str | None:
+def _identify_safely(data: bytes, keys: Keys, limits: Limits) -> Sender | None:
     try:
-        return identify_request(data, keys, limits)
+        return identify_sender(data, keys, limits)
     except Exception:  # noqa: BLE001 - no identity is the safe answer for an entry that broke the codec
         return None
 

@@ -7,6 +7,10 @@ sequences are evicted least recently used first when an id is needed.
 
 Ids come from a pool below n_seq_max because a larger id aborts the whole process in llama.cpp's per-sequence
 layout.
+
+Reuse stays inside a cache domain (a tenant, or a client, narrowed by a cache salt): a sequence is matched only
+against the idle sequences of its own domain, and the caller passes only that domain's running ones. Another
+tenant's prompt is then never reused for a request, and so never shows in its `cached_tokens` or its timing.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ class Evicted:
     seq_id: int
     tokens: list[int]
     owner: str | None
+    domain: str | None = None
+    """The cache domain of the request that computed it."""
 
 
 @dataclass
@@ -51,6 +57,8 @@ class _Idle:
     last_used: int
     owner: str | None
     """The named conversation whose KV this is, if any."""
+    domain: str | None = None
+    """Only requests of this cache domain may reuse it (None: the domain of callers that name none)."""
 
 
 @dataclass
@@ -149,7 +157,7 @@ class KvCache:
         self.evictions += 1
         self.ledger.drop(oldest)
         self._free.append(oldest)
-        self._evicted.append(Evicted(oldest, idle.tokens, idle.owner))
+        self._evicted.append(Evicted(oldest, idle.tokens, idle.owner, idle.domain))
         return oldest
 
     def fits(self, n_prompt: int, max_tokens: int) -> bool:
@@ -161,16 +169,17 @@ class KvCache:
         prompt: SequenceOf[int],
         running: Mapping[int, SequenceOf[int]] | None = None,
         owner: str | None = None,
+        domain: str | None = None,
     ) -> Allocation | None:
-        """An id for a request with this prompt, reusing the longest prefix any sequence holds; None when every
-        id runs. `running` maps running sequence ids to the tokens they have computed; `owner` names the
-        request's conversation.
+        """An id for a request with this prompt, reusing the longest prefix any sequence of its cache `domain`
+        holds; None when every id runs. `running` maps the domain's running sequence ids to the tokens they
+        have computed; `owner` names the request's conversation.
 
         A conversation's own idle sequence (or an anonymous one it extends) is continued in place. A prefix
         shared with another sequence (a system prompt, a branch) is copied into a fresh id when there is one,
         so the source keeps its history; otherwise an idle source is taken over and cut back.
         """
-        source, shared = self._longest_prefix(prompt, running or {}) if self.prefix_cache else (None, 0)
+        source, shared = self._longest_prefix(prompt, running or {}, domain) if self.prefix_cache else (None, 0)
         # At least the last prompt token is computed again: its logits give the first new token.
         n_cached = min(shared, len(prompt) - 1)
         if not self._make_room(len(prompt) - max(n_cached, 0), keep=source):
@@ -194,7 +203,7 @@ class KvCache:
             if not (foreign and shared < MIN_COPY_TOKENS and self._free):
                 del self._idle[source]
                 if foreign:
-                    self._displaced.append(Evicted(source, idle.tokens, idle.owner))
+                    self._displaced.append(Evicted(source, idle.tokens, idle.owner, idle.domain))
                 return self._run(source, n_cached)
         fresh = self._fresh_id(keep=None)
         return None if fresh is None else self._run(fresh, 0)
@@ -222,13 +231,14 @@ class KvCache:
             self.ledger.swap(source, target)
         return plan
 
-    def park(self, seq_id: int, tokens: SequenceOf[int], owner: str | None = None) -> bool:
-        """A running sequence ended with `tokens` in its KV; keep it for reuse. False: clear it and free()."""
+    def park(self, seq_id: int, tokens: SequenceOf[int], owner: str | None = None, domain: str | None = None) -> bool:
+        """A running sequence ended with `tokens` in its KV; keep it for reuse within its cache `domain`. False:
+        clear it and free()."""
         self._check_running(seq_id)
         if not self.prefix_cache or not tokens:
             return False
         self._running.discard(seq_id)
-        self._idle[seq_id] = _Idle(list(tokens), next(self._clock), owner)
+        self._idle[seq_id] = _Idle(list(tokens), next(self._clock), owner, domain)
         return True
 
     def drop_idle(self, seq_id: int) -> None:
@@ -251,11 +261,17 @@ class KvCache:
     def idle_conversations(self) -> list[Evicted]:
         """Idle sequences that hold a named conversation's KV, most recently used first (to save at shutdown)."""
         ordered = sorted(self._idle.items(), key=lambda item: -item[1].last_used)
-        return [Evicted(seq_id, list(idle.tokens), idle.owner) for seq_id, idle in ordered if idle.owner is not None]
+        return [
+            Evicted(seq_id, list(idle.tokens), idle.owner, idle.domain)
+            for seq_id, idle in ordered
+            if idle.owner is not None
+        ]
 
-    def longest_cached_prefix(self, prompt: SequenceOf[int], running: Mapping[int, SequenceOf[int]]) -> int:
-        """Most leading prompt tokens any sequence, idle or running, holds now."""
-        return self._longest_prefix(prompt, running)[1] if self.prefix_cache else 0
+    def longest_cached_prefix(
+        self, prompt: SequenceOf[int], running: Mapping[int, SequenceOf[int]], domain: str | None = None
+    ) -> int:
+        """Most leading prompt tokens any sequence of the cache domain, idle or running, holds now."""
+        return self._longest_prefix(prompt, running, domain)[1] if self.prefix_cache else 0
 
     def take_for_restore(self, n_cells: int) -> int | None:
         """An empty id to load a saved state of `n_cells` into, evicting idle sequences for the id and (unified
@@ -264,9 +280,10 @@ class KvCache:
             return None
         return self._fresh_id(keep=None)
 
-    def hold_restored(self, seq_id: int, tokens: SequenceOf[int], owner: str) -> None:
-        """A state was loaded into an id from take_for_restore: keep it as the conversation's idle sequence."""
-        self._idle[seq_id] = _Idle(list(tokens), next(self._clock), owner)
+    def hold_restored(self, seq_id: int, tokens: SequenceOf[int], owner: str, domain: str | None = None) -> None:
+        """A state was loaded into an id from take_for_restore: keep it as the conversation's idle sequence,
+        reusable within the cache domain it was computed in."""
+        self._idle[seq_id] = _Idle(list(tokens), next(self._clock), owner, domain)
         self.ledger.resize(seq_id, len(tokens))
 
     def give_back(self, seq_id: int) -> None:
@@ -302,10 +319,11 @@ class KvCache:
         return shared == len(idle.tokens) and idle.owner in (None, owner)
 
     def _longest_prefix(
-        self, prompt: SequenceOf[int], running: Mapping[int, SequenceOf[int]]
+        self, prompt: SequenceOf[int], running: Mapping[int, SequenceOf[int]], domain: str | None
     ) -> tuple[int | None, int]:
         best_id, best_len = None, 0
-        holders = [(seq_id, idle.tokens) for seq_id, idle in self._idle.items()] + list(running.items())
+        mine = [(seq_id, idle.tokens) for seq_id, idle in self._idle.items() if idle.domain == domain]
+        holders = mine + list(running.items())
         for seq_id, tokens in holders:
             shared = common_prefix_length(tokens, prompt)
             if shared > best_len:

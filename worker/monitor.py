@@ -11,7 +11,7 @@ import time
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from llamaq.protocol import MAX_BACKLOG_FIELD
+from llamaq.protocol import MAX_BACKLOG_FIELD, MAX_TENANT_BACKLOG_FIELD, MAX_TENANT_IN_FLIGHT_FIELD
 
 from .engine import Engine
 from .engine_loop import EngineLoop
@@ -77,8 +77,13 @@ class Monitor:
                 self._metrics.count_lease_lapse()
             else:
                 self._lease.renewed(sent_at)
-            # Clients read the bound from Redis; every worker restates it, so a restarted Redis has it again.
-            await self._redis.hset(self._settings.keys.config, MAX_BACKLOG_FIELD, self._settings.max_backlog)
+            # Clients read the bounds from Redis; every worker restates them, so a restarted Redis has them again.
+            bounds = {
+                MAX_BACKLOG_FIELD: self._settings.max_backlog,
+                MAX_TENANT_IN_FLIGHT_FIELD: self._settings.max_tenant_in_flight,
+                MAX_TENANT_BACKLOG_FIELD: self._settings.max_tenant_backlog,
+            }
+            await self._redis.hset(self._settings.keys.config, mapping=bounds)  # type: ignore[arg-type]
             depth = await queue_depth(self._redis, self._settings.keys)
             self._metrics.set_backlog(depth.undelivered, depth.pending_by_consumer.get(self.identity.worker, 0))
             self._redis_ok_at = time.monotonic()

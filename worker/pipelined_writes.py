@@ -141,3 +141,8 @@ def xack(stream: str, group: str, entry_id: bytes, pipe: Pipeline) -> object:
 def xdel(stream: str, entry_id: bytes, pipe: Pipeline) -> object:
     """XDEL of an answered entry."""
     return pipe.xdel(stream, entry_id)
+
+
+def zrem(key: str, member: str, pipe: Pipeline) -> object:
+    """ZREM of a request from its tenant's counts."""
+    return pipe.zrem(key, member)

@@ -30,10 +30,10 @@ from llamaq.protocol import (
 
 from .conversations import ConversationStore
 from .engine_loop import EngineLoop, Outgoing, StepStats
-from .in_flight import InFlight, Ticket
+from .in_flight import InFlight, TenantSlot, Ticket
 from .lease import Lease
 from .metrics import DROPPED_LEASE_LOST, DROPPED_REDIS_ERROR, WorkerMetrics
-from .pipelined_writes import Outcome, Write, exists, expire, write_all, xack, xadd, xdel
+from .pipelined_writes import Outcome, Write, exists, expire, write_all, xack, xadd, xdel, zrem
 from .redis_errors import Backoff, error_code
 
 log = logging.getLogger("llamaq.publisher")
@@ -91,19 +91,29 @@ class Publisher:
                 return
 
     async def reject(
-        self, entry_id: bytes, reply_key: str | None, error: ProtocolError, stream: str | None = None
+        self,
+        entry_id: bytes,
+        reply_key: str | None,
+        error: ProtocolError,
+        stream: str | None = None,
+        slot: TenantSlot | None = None,
     ) -> None:
         """Answer an entry that never reached the engine with an error event, and ack it."""
         event = ErrorEvent(n=0, code=error.code, message=error.message)
-        if await self.answer(entry_id, reply_key, event, stream) and self.metrics is not None:
+        if await self.answer(entry_id, reply_key, event, stream, slot) and self.metrics is not None:
             self.metrics.count_rejected(error.code.value)
 
-    async def ack(self, entry_id: bytes, stream: str | None = None) -> None:
+    async def ack(self, entry_id: bytes, stream: str | None = None, slot: TenantSlot | None = None) -> None:
         """Ack (and delete) an entry that needs no event: it was answered before, or handed to another worker."""
-        await self._ack_entries([(entry_id, stream)])
+        await self._ack_entries([(entry_id, stream, slot)])
 
     async def answer(
-        self, entry_id: bytes, reply_key: str | None, event: FinalEvent, stream: str | None = None
+        self,
+        entry_id: bytes,
+        reply_key: str | None,
+        event: FinalEvent,
+        stream: str | None = None,
+        slot: TenantSlot | None = None,
     ) -> bool:
         """Write the only event of an entry that never reached the engine, and ack it; False when its reply
         stream refused the event (the entry is acked all the same, and counted as dropped)."""
@@ -117,7 +127,7 @@ class Publisher:
                 return False
             if not written:
                 self._count_dropped(owner, outcome.refused.get(owner))
-        await self._ack_entries([(entry_id, stream)])
+        await self._ack_entries([(entry_id, stream, slot)])
         return written
 
     async def _publish(self, outgoing: list[Outgoing]) -> None:
@@ -142,7 +152,7 @@ class Publisher:
             if ticket is not None and ticket not in answered:
                 answered.append(await self._fail(ticket, error))
         for ticket in answered:
-            await self._ack_entries([(ticket.entry_id, ticket.stream or None)])
+            await self._ack_entries([(ticket.entry_id, ticket.stream or None, ticket.slot)])
         for ticket in answered:
             self._in_flight.remove(ticket.request_key)
         for index, ticket in enumerate(watched, start=checks):
@@ -223,16 +233,20 @@ class Publisher:
                 log.warning("event for unknown request %s dropped", item.request_key)
         return addressed
 
-    async def _ack_entries(self, entries: list[tuple[bytes, str | None]]) -> None:
+    async def _ack_entries(self, entries: list[tuple[bytes, str | None, TenantSlot | None]]) -> None:
         # One consumer group reads this stream, so an acked entry is garbage: deleting it keeps the stream
         # short without trimming, and trimming by length could drop entries still pending.
         writes = []
-        for entry_id, stream in entries:
+        for entry_id, stream, slot in entries:
             name, owner = stream or self._keys.requests, entry_id.decode(errors="replace")
             # XACK acks for the whole group: an entry another worker took over must not be acked from here.
             held = (name, entry_id)
             writes.append(Write(owner, partial(xack, name, self._keys.group, entry_id), entry=held))
             writes.append(Write(owner, partial(xdel, name, entry_id), entry=held))
+            if slot is not None:
+                # Answered: the request no longer counts against its tenant (both sets: it may never have been read).
+                for counts in (self._keys.tenant_in_flight(slot.owner), self._keys.tenant_backlog(slot.owner)):
+                    writes.append(Write(owner, partial(zrem, counts, slot.request_key), entry=held))
         if writes:
             outcome = await self._execute(writes)
             for owner, error in outcome.refused.items():

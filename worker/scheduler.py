@@ -178,8 +178,9 @@ class Scheduler:
             self.running.remove(sequence)
             seq_id = sequence.seq_id
             assert seq_id is not None
-            owner = sequence.request.conversation
-            if not (keep_cache and self.kv.park(seq_id, sequence.computed_tokens(), owner)):
+            request = sequence.request
+            owner, domain = request.owned_conversation, request.cache_domain
+            if not (keep_cache and self.kv.park(seq_id, sequence.computed_tokens(), owner, domain)):
                 self.kv.free(seq_id)
                 to_clear = seq_id
             sequence.seq_id = None
@@ -229,8 +230,11 @@ class Scheduler:
         return admitted
 
     def _allocate(self, sequence: Sequence) -> Allocation | None:
-        computed = {s.seq_id: s.computed_tokens() for s in self.running if s.seq_id is not None}
-        return self.kv.admit(sequence.all_tokens(), computed, sequence.request.conversation)
+        request = sequence.request
+        # Only the requester's own cache domain may lend it KV: another tenant's prompt must not show up as cached.
+        peers = (s for s in self.running if s.request.cache_domain == request.cache_domain)
+        computed = {s.seq_id: s.computed_tokens() for s in peers if s.seq_id is not None}
+        return self.kv.admit(sequence.all_tokens(), computed, request.owned_conversation, request.cache_domain)
 
     def _preemptible(self, candidates: list[Sequence]) -> list[Sequence]:
         """Those whose KV no admission of this round copies: the engine clears a victim before it copies."""
@@ -249,7 +253,8 @@ class Scheduler:
         if not self.kv.prefix_cache:
             return False
         for running in self.running:
-            if running.prefilling:
+            # Waiting on another domain's prefix would make its prompt visible as a delay (a timing leak).
+            if running.prefilling and running.request.cache_domain == sequence.request.cache_domain:
                 shared = common_prefix_length(running.prompt_tokens, sequence.prompt_tokens)
                 if shared >= MIN_COPY_TOKENS and running.n_computed < min(shared, len(sequence.prompt_tokens) - 1):
                     return True

@@ -177,6 +177,7 @@ class Worker:
         self.monitor = monitor
         monitor.group_joined = True
         engine_loop.start()
+        await monitor.tick()  # the queue's bounds are in Redis before anyone is told the worker is ready
         reclaimer = Reclaimer(
             redis,
             settings.keys,

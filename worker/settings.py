@@ -72,6 +72,11 @@ class WorkerSettings:
     limits: Limits = field(default_factory=Limits)
     max_backlog: int = 10_000
     """Entries the request stream may hold before clients get `overloaded` at once (0: unbounded)."""
+    max_tenant_in_flight: int = 128
+    """Requests one tenant (Request.owner) may have sent and not yet had answered before its next gets
+    `overloaded` at once (0: unbounded)."""
+    max_tenant_backlog: int = 64
+    """Requests of one tenant that may wait in the stream, not yet read by a worker (0: unbounded)."""
     state_dir: Path | None = None
     """Where evicted conversations are swapped to and saved states live; None keeps KV in memory only."""
     state_dir_max_bytes: int = 4 << 30

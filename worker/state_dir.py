@@ -4,20 +4,26 @@ Two kinds of file per conversation: a `swap` file, written when the KV manager e
 deleted first when the directory is over its cap, and a `saved` file, written by an explicit save and deleted only
 by an explicit delete. Writes go to a temporary name and are renamed into place, so a reader (this worker after
 a restart, or another worker sharing the directory) never sees half a file. Reading a file marks it used.
+
+Files live in one folder per owner (Request.owner): `<dir>/<owner>/<conversation>.<kind>.llqs`, named by the
+owner-qualified conversation id, so one owner's listing or lookup never reaches another's files.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from llamaq.protocol import is_valid_id
+from llamaq.protocol import is_valid_id, is_valid_owner
 
 from .state_file import StateHeader, decode_header, header_length
+
+log = logging.getLogger("llamaq.state_dir")
 
 SUFFIX = ".llqs"
 
@@ -34,6 +40,7 @@ class StateEntry:
     """One state file as the directory lists it."""
 
     conversation: str
+    """Owner-qualified (`<owner>/<conversation id>`)."""
     kind: StateKind
     path: Path
     n_bytes: int
@@ -51,18 +58,28 @@ class StateDir:
         self.path = path
         self.max_bytes = max_bytes
         path.mkdir(parents=True, exist_ok=True)
+        ownerless = list(path.glob(f"*{SUFFIX}"))
+        if ownerless:
+            log.warning(
+                "%d state files in %s have no owner (written before conversations had owners); they are never "
+                "used and may be deleted",
+                len(ownerless),
+                path,
+            )
 
     def file(self, conversation: str, kind: StateKind) -> Path:
-        """Where a conversation's state of one kind lives; ValueError for an id that is not a safe name."""
-        if not is_valid_id(conversation):
-            raise ValueError(f"not a conversation id: {conversation!r}")
-        return self.path / f"{conversation}.{kind.value}{SUFFIX}"
+        """Where an owner-qualified conversation's state of one kind lives; ValueError for anything but one."""
+        owner, _, name = conversation.partition("/")
+        if not is_valid_owner(owner) or not is_valid_id(name):
+            raise ValueError(f"not an owner-qualified conversation id: {conversation!r}")
+        return self.path / owner / f"{name}.{kind.value}{SUFFIX}"
 
     def write(self, conversation: str, kind: StateKind, data: bytes) -> Path:
         """Store a state, replacing one of the same kind; swap files go, oldest first, to keep under the cap."""
         target = self.file(conversation, kind)
         self._make_room(len(data), replacing=target)
-        temporary = self.path / f".{target.name}.{secrets.token_hex(4)}.tmp"
+        target.parent.mkdir(exist_ok=True)
+        temporary = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
         try:
             with open(temporary, "wb") as out:
                 out.write(data)
@@ -95,13 +112,15 @@ class StateDir:
             return None
         return decode_header(head)
 
-    def entries(self) -> list[StateEntry]:
-        """Every state file, least recently used first."""
+    def entries(self, owner: str | None = None) -> list[StateEntry]:
+        """Every state file (of one owner), least recently used first."""
         found = []
-        for path in self.path.glob(f"*{SUFFIX}"):
-            conversation, _, kind = path.name.removesuffix(SUFFIX).rpartition(".")
-            if kind not in StateKind.__members__.values() or not is_valid_id(conversation):
+        for path in self.path.glob(f"{owner or '*'}/*{SUFFIX}"):
+            name, _, kind = path.name.removesuffix(SUFFIX).rpartition(".")
+            folder = path.parent.name
+            if kind not in StateKind.__members__.values() or not (is_valid_owner(folder) and is_valid_id(name)):
                 continue
+            conversation = f"{folder}/{name}"
             try:
                 stat = path.stat()
             except FileNotFoundError:

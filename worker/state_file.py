@@ -73,6 +73,7 @@ class StateHeader:
     """What a state file says about itself; readable without loading the payload."""
 
     conversation: str
+    """Owner-qualified (`<owner>/<conversation id>`): whose state this is."""
     tokens: tuple[int, ...]
     """The token ids whose KV the payload holds, in position order."""
     fingerprint: Fingerprint
@@ -80,6 +81,8 @@ class StateHeader:
     payload_bytes: int
     logits_bytes: int
     version: int = FORMAT_VERSION
+    cache_domain: str | None = None
+    """The cache domain of the requests that computed the KV: only requests of this domain may reuse it."""
 
 
 @dataclass(frozen=True)
@@ -92,12 +95,18 @@ class StateRecord:
 
 
 def encode_state(
-    conversation: str, tokens: list[int], fingerprint: Fingerprint, payload: bytes, logits: bytes
+    conversation: str,
+    tokens: list[int],
+    fingerprint: Fingerprint,
+    payload: bytes,
+    logits: bytes,
+    cache_domain: str | None = None,
 ) -> bytes:
     """The bytes of a state file."""
     header = {
         "version": FORMAT_VERSION,
         "conversation": conversation,
+        "cache_domain": cache_domain,
         "tokens": list(tokens),
         "model": fingerprint.model,
         "settings": dict(fingerprint.settings),
@@ -143,6 +152,7 @@ def decode_header(head: bytes) -> StateHeader:
             payload_bytes=int(body["payload_bytes"]),
             logits_bytes=int(body["logits_bytes"]),
             version=version,
+            cache_domain=None if body.get("cache_domain") is None else str(body["cache_domain"]),
         )
     except StateRefused:
         raise

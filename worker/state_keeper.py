@@ -15,7 +15,7 @@ skipped, a restore falls back to recomputing, an explicit operation answers `int
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from llamaq.protocol import ConversationOp, ErrorCode, PrefixSource, ProtocolError, Request
@@ -41,6 +41,9 @@ _OPERATION_OF = {
 
 MIN_RESTORE_TOKENS = 32
 """Fewest prompt tokens a restore must spare to be worth a file read and a verification decode."""
+
+RunningTokens = Callable[[str], Mapping[int, list[int]]]
+"""What the running sequences of one cache domain have computed, by sequence id."""
 
 
 class StateKeeper:
@@ -70,9 +73,9 @@ class StateKeeper:
     def _save_unless_saved(self, idle: Evicted) -> bool:
         assert idle.owner is not None
         try:
-            if self.swap.is_saved(idle.owner, idle.tokens):
+            if self.swap.is_saved(idle.owner, idle.tokens, idle.domain):
                 return False
-            self.swap.save(idle.seq_id, idle.tokens, idle.owner, StateKind.SWAP)
+            self.swap.save(idle.seq_id, idle.tokens, idle.owner, StateKind.SWAP, idle.domain)
         except (StateDirFull, OSError, DecodeError) as exc:
             # Losing a swap file only costs a recompute from the history in Redis.
             log.warning("could not swap out conversation %s: %s", idle.owner, exc)
@@ -83,21 +86,22 @@ class StateKeeper:
 
     # --- restore ------------------------------------------------------------------------------------------
 
-    def restore_waiting(self, waiting: Iterable[Sequence], running: Mapping[int, list[int]]) -> None:
+    def restore_waiting(self, waiting: Iterable[Sequence], running: RunningTokens) -> None:
         """Restore saved KV for the waiting conversations next in line whose KV is not live.
 
         Runs before the step is scheduled, so admission finds the restored sequence as the conversation's own
-        idle one and continues it in place.
+        idle one and continues it in place. Only files of the turn's own owner (the file names are
+        owner-qualified) and cache domain are candidates.
         """
         for sequence in list(waiting)[: self.kv.n_free]:
-            conversation = sequence.request.conversation
+            conversation = sequence.request.owned_conversation
             if sequence.restore_checked or conversation is None or sequence.preemptions:
                 continue
             sequence.restore_checked = True
             if self.kv.owned_by(conversation):
                 continue
             try:
-                self._restore(sequence, conversation, running)
+                self._restore(sequence, conversation, running(sequence.request.cache_domain))
             except OSError as exc:
                 log.warning("could not restore conversation %s from the state directory: %s", conversation, exc)
                 self._count_error("restore")
@@ -105,13 +109,14 @@ class StateKeeper:
 
     def _restore(self, sequence: Sequence, conversation: str, running: Mapping[int, list[int]]) -> None:
         prompt = sequence.all_tokens()
-        saved = self.swap.find(conversation, prompt)
+        domain = sequence.request.cache_domain
+        saved = self.swap.find(conversation, prompt, domain)
         if saved is None:
             if self.swap.last_refusal is not None:
                 sequence.prefix_source = PrefixSource.RECOMPUTE
             return
         keep = min(saved.shared, len(prompt) - 1)
-        spared = keep - self.kv.longest_cached_prefix(prompt, running)
+        spared = keep - self.kv.longest_cached_prefix(prompt, running, domain)
         if spared < MIN_RESTORE_TOKENS:
             return
         sequence.prefix_source = PrefixSource.RECOMPUTE
@@ -132,7 +137,7 @@ class StateKeeper:
             # The file is read before anything is loaded: the sequence is still empty.
             self.kv.give_back(seq_id)
             raise
-        self.kv.hold_restored(seq_id, prompt[:keep], conversation)
+        self.kv.hold_restored(seq_id, prompt[:keep], conversation, domain)
         sequence.restored_into = seq_id
         sequence.restore_ms = restored.seconds * 1000.0
         sequence.prefix_source = PrefixSource.DISK
@@ -150,7 +155,10 @@ class StateKeeper:
     # --- operations -----------------------------------------------------------------------------------------
 
     def run(self, request: Request) -> dict[str, Any]:
-        """Carry out a state operation; the map its result event carries. ProtocolError for what cannot be done."""
+        """Carry out a state operation; the map its result event carries. ProtocolError for what cannot be done.
+
+        Every operation acts on the requester's own states only (Request.owner); another owner's conversation
+        gets the answers of one without any state."""
         assert request.command is not None
         try:
             return self._run(request)
@@ -162,7 +170,7 @@ class StateKeeper:
             raise ProtocolError(ErrorCode.INTERNAL, f"the worker's state directory failed ({reason})") from exc
 
     def forget(self, conversation: str) -> None:
-        """A deleted conversation leaves no KV on disk either."""
+        """A deleted (owner-qualified) conversation leaves no KV on disk either."""
         try:
             self.swap.states.delete(conversation)
         except OSError as exc:
@@ -175,20 +183,20 @@ class StateKeeper:
 
     def _run(self, request: Request) -> dict[str, Any]:
         assert request.command is not None
-        op, conversation = request.command.op, request.conversation
+        op, conversation, owned = request.command.op, request.conversation, request.owned_conversation
         if op is ConversationOp.LIST_STATES:
-            return self._list()
-        assert conversation is not None
+            return self._list(request.owner)
+        assert conversation is not None and owned is not None
         if op is ConversationOp.DELETE_STATE:
-            return {"conversation": conversation, "deleted": self.swap.states.delete(conversation)}
+            return {"conversation": conversation, "deleted": self.swap.states.delete(owned)}
         if op is ConversationOp.SAVE_STATE:
-            return self._save(conversation)
-        return self._load(conversation)
+            return self._save(owned, conversation)
+        return self._load(owned, conversation)
 
-    def _list(self) -> dict[str, Any]:
+    def _list(self, owner: str) -> dict[str, Any]:
         states: list[dict[str, Any]] = []
         total = 0
-        for entry in self.swap.states.entries():
+        for entry in self.swap.states.entries(owner):
             try:
                 header = self.swap.states.read_header(entry.conversation, entry.kind)
                 n_tokens = None if header is None else len(header.tokens)
@@ -196,7 +204,7 @@ class StateKeeper:
                 n_tokens = None
             states.append(
                 {
-                    "conversation": entry.conversation,
+                    "conversation": entry.conversation.partition("/")[2],
                     "kind": entry.kind.value,
                     "n_bytes": entry.n_bytes,
                     "n_tokens": n_tokens,
@@ -206,17 +214,17 @@ class StateKeeper:
             total += entry.n_bytes
         return {"states": states, "n_bytes": total, "max_bytes": self.swap.states.max_bytes}
 
-    def _save(self, conversation: str) -> dict[str, Any]:
-        held = [idle for idle in self.kv.idle_conversations() if idle.owner == conversation]
+    def _save(self, owned: str, conversation: str) -> dict[str, Any]:
+        held = [idle for idle in self.kv.idle_conversations() if idle.owner == owned]
         if held:
             idle = max(held, key=lambda each: len(each.tokens))
             try:
-                n_bytes = self.swap.save(idle.seq_id, idle.tokens, conversation, StateKind.SAVED)
+                n_bytes = self.swap.save(idle.seq_id, idle.tokens, owned, StateKind.SAVED, idle.domain)
             except StateDirFull as exc:
                 raise invalid(f"state directory full: {exc}") from exc
             return {"conversation": conversation, "kind": "saved", "n_tokens": len(idle.tokens), "n_bytes": n_bytes}
-        if self.swap.states.promote(conversation):
-            header = self.swap.states.read_header(conversation, StateKind.SAVED)
+        if self.swap.states.promote(owned):
+            header = self.swap.states.read_header(owned, StateKind.SAVED)
             n_tokens = 0 if header is None else len(header.tokens)
             return {"conversation": conversation, "kind": "saved", "n_tokens": n_tokens, "promoted": True}
         raise invalid(
@@ -224,10 +232,10 @@ class StateKeeper:
             "(a turn in progress is saved after it ends)"
         )
 
-    def _load(self, conversation: str) -> dict[str, Any]:
-        if self.kv.owned_by(conversation):
+    def _load(self, owned: str, conversation: str) -> dict[str, Any]:
+        if self.kv.owned_by(owned):
             return {"conversation": conversation, "loaded": False, "reason": "already in the KV cache"}
-        saved = self.swap.find(conversation, None)
+        saved = self.swap.find(owned, None)
         if saved is None:
             refused = self.swap.last_refusal
             reason = "" if refused is None else f" (refused, {refused.reason.value}: {refused.message})"
@@ -237,14 +245,15 @@ class StateKeeper:
         if seq_id is None:
             raise ProtocolError(ErrorCode.OVERLOADED, "every sequence is running; load the state later")
         try:
-            restored = self.swap.restore(seq_id, conversation, saved, n_tokens)
+            restored = self.swap.restore(seq_id, owned, saved, n_tokens)
         except StateRefused as refused:
             self.kv.give_back(seq_id)
             raise invalid(f"saved state refused ({refused.reason.value}): {refused.message}") from refused
         except OSError:
             self.kv.give_back(seq_id)
             raise
-        self.kv.hold_restored(seq_id, saved.header.tokens, conversation)
+        # Reusable by later turns of the domain that computed it, not by whoever asked for the load.
+        self.kv.hold_restored(seq_id, saved.header.tokens, owned, saved.header.cache_domain)
         return {
             "conversation": conversation,
             "loaded": True,

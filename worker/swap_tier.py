@@ -69,33 +69,37 @@ class SwapTier:
         self.last_refusal: StateRefused | None = None
         """Why the last find() or restore() refused a file, if it did."""
 
-    def save(self, seq_id: int, tokens: list[int], conversation: str, kind: StateKind) -> int:
-        """Write a sequence that holds `tokens` to a state file; its size in bytes. StateDirFull if it cannot fit.
+    def save(
+        self, seq_id: int, tokens: list[int], conversation: str, kind: StateKind, domain: str | None = None
+    ) -> int:
+        """Write a sequence that holds `tokens`, computed in cache `domain`, to a state file of an owner-qualified
+        conversation; its size in bytes. StateDirFull if it cannot fit.
 
         The sequence's last position is decoded again to record the logits a restore must reproduce.
         """
         payload = self.engine.sequence_state(seq_id)
         logits = self.engine.next_token_logits(seq_id, tokens)
-        data = encode_state(conversation, tokens, self.fingerprint, bytes(payload), logits)
+        data = encode_state(conversation, tokens, self.fingerprint, bytes(payload), logits, domain)
         self.states.write(conversation, kind, data)
         if kind is StateKind.SWAP:
             self.swaps_out += 1
         return len(data)
 
-    def is_saved(self, conversation: str, tokens: list[int]) -> bool:
-        """True when a state file of this conversation already holds exactly these tokens."""
+    def is_saved(self, conversation: str, tokens: list[int], domain: str | None = None) -> bool:
+        """True when a state file of this conversation already holds exactly these tokens, from this domain."""
         for kind in StateKind:
             try:
                 header = self.states.read_header(conversation, kind)
             except StateRefused:
                 continue
-            if header is not None and list(header.tokens) == tokens:
+            if header is not None and list(header.tokens) == tokens and header.cache_domain == domain:
                 return True
         return False
 
-    def find(self, conversation: str, prompt: list[int] | None) -> SavedState | None:
-        """The state file of a conversation that shares the longest prefix with a prompt (without a prompt: the
-        longest file, saved ones first); unusable files are refused (counted) and swap files among them deleted."""
+    def find(self, conversation: str, prompt: list[int] | None, domain: str | None = None) -> SavedState | None:
+        """The state file of a conversation that shares the longest prefix with a prompt of cache `domain` (a
+        file from another domain never matches; without a prompt: the longest file of any domain, saved ones
+        first); unusable files are refused (counted) and swap files among them deleted."""
         self.last_refusal = None
         best: SavedState | None = None
         for kind in (StateKind.SAVED, StateKind.SWAP):
@@ -106,6 +110,8 @@ class SwapTier:
                 check_fingerprint(header, self.fingerprint)
             except StateRefused as refused:
                 self._refused(conversation, kind, refused)
+                continue
+            if prompt is not None and header.cache_domain != domain:
                 continue
             shared = len(header.tokens) if prompt is None else common_prefix_length(header.tokens, prompt)
             if shared > 0 and (best is None or shared > best.shared):
