@@ -175,6 +175,8 @@ def _options(endpoint: Endpoint, body: dict[str, Any], headers: Mapping[str, str
         count = _int(body, name)
         if count is not None:
             options[name] = count  # type: ignore[literal-required]
+    if _bool(body, "ignore_eos", False):
+        options["ignore_eos"] = True
     stop = _stop(body.get("stop"))
     if stop:
         options["stop"] = stop

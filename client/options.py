@@ -25,6 +25,7 @@ class SamplingKwargs(TypedDict, total=False):
     frequency_penalty: float
     presence_penalty: float
     repeat_last_n: int
+    ignore_eos: bool
 
 
 class RequestOptions(SamplingKwargs, total=False):

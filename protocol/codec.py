@@ -344,6 +344,8 @@ def _parse_messages(value: object, limits: Limits) -> tuple[ChatMessage, ...]:
 def _params_to_wire(params: SamplingParams) -> dict[str, Any]:
     wire = asdict(params)
     wire["stop"] = list(params.stop)
+    if not params.ignore_eos:
+        del wire["ignore_eos"]  # workers older than the field refuse it; false is its default anyway
     return {k: v for k, v in wire.items() if v is not None}
 
 
@@ -372,6 +374,7 @@ def _parse_params(value: object, limits: Limits) -> SamplingParams:
         frequency_penalty=_float_in(value.get("frequency_penalty", 0.0), "frequency_penalty", -2.0, 2.0),
         presence_penalty=_float_in(value.get("presence_penalty", 0.0), "presence_penalty", -2.0, 2.0),
         repeat_last_n=_int_in(value.get("repeat_last_n", defaults.repeat_last_n), "repeat_last_n", 0, 4096),
+        ignore_eos=_bool(value.get("ignore_eos", False), "ignore_eos"),
     )
 
 
@@ -407,3 +410,9 @@ def _optional_time(value: object, name: str) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
         raise invalid(f"{name} must be a non-negative Unix time in seconds")
     return float(value)
+
+
+def _bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise invalid(f"{name} must be true or false")
+    return value

@@ -52,6 +52,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     repeat_last_n: int = 64
+    ignore_eos: bool = False
+    """Never end at an end-of-generation token (they are left out of sampling, as llama-server's ignore_eos):
+    the answer runs to max_tokens or a stop string. For benchmarks and load tests."""
 
     @property
     def greedy(self) -> bool:

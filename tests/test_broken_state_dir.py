@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from llamaq.client import Client, RequestFailed
-from llamaq.protocol import ErrorCode
+from llamaq.protocol import ErrorCode, owner_of
 
 from .conftest import running_worker, scrape_samples, worker_settings
 
@@ -35,7 +35,8 @@ async def test_a_broken_state_dir_fails_each_operation_alone_and_the_worker_goes
         async with anyio.create_task_group() as group:
             for name in ("evictor-one", "evictor-two"):
                 group.start_soon(lambda n=name: client.chat(chat(n), conversation=n, max_tokens=4))
-        assert (state_dir / "keeper-chat.swap.llqs").exists()
+        owner = owner_of(None, client.client_id)  # the folder of the client's own state files
+        assert (state_dir / owner / "keeper-chat.swap.llqs").exists()
         # The directory goes away and a plain file takes its path: every open under it fails (NotADirectoryError).
         state_dir.rename(tmp_path / "state-gone")
         state_dir.write_bytes(b"not a directory")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import threading
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
@@ -112,6 +113,9 @@ class Engine:
         self._batch = llama_cpp.llama_batch_init(config.n_batch, 0, 1)
         self._samplers: dict[SamplerHandle, Any] = {}
         self._greedy: set[SamplerHandle] = set()
+        self._greedy_past_eog: set[SamplerHandle] = set()
+        """Greedy handles of requests with ignore_eos: their argmax leaves out end-of-generation tokens."""
+        self._eog_ids: list[int] | None = None
         """Plain greedy handles: no chain, their tokens are the argmax of the logits (see sample_all)."""
         self._n_outputs = 0
         self._output_row: dict[int, int] = {}
@@ -207,6 +211,12 @@ class Engine:
         """True for EOS, EOT and the other tokens after which the model has nothing more to say."""
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
+    def end_of_generation_tokens(self) -> list[int]:
+        """Every token id llama.cpp counts as end of generation (read once from the vocabulary)."""
+        if self._eog_ids is None:
+            self._eog_ids = [t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t)]
+        return self._eog_ids
+
     def _chat_formatter(self) -> Jinja2ChatFormatter:
         template = llama_cpp.llama_model_chat_template(self._model, None)
         text = template.decode("utf-8") if template else _CHATML
@@ -231,9 +241,16 @@ class Engine:
         self._next_sampler += 1
         if params.greedy and not _penalized(params):
             self._greedy.add(handle)
+            if params.ignore_eos:
+                self._greedy_past_eog.add(handle)
             return handle
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = llama_cpp.llama_sampler_chain_add
+        if params.ignore_eos:
+            # llama-server's ignore_eos: every end-of-generation token biased to -inf before anything else looks.
+            eog = self.end_of_generation_tokens()
+            biases = (llama_cpp.llama_logit_bias * len(eog))(*[llama_cpp.llama_logit_bias(t, -math.inf) for t in eog])
+            add(chain, llama_cpp.llama_sampler_init_logit_bias(self.n_vocab, len(eog), biases))
         if _penalized(params):
             add(
                 chain,
@@ -260,6 +277,7 @@ class Engine:
     def free_sampler(self, handle: SamplerHandle) -> None:
         """Release a sampler chain."""
         self._greedy.discard(handle)
+        self._greedy_past_eog.discard(handle)
         chain = self._samplers.pop(handle, None)
         if chain is not None:
             llama_cpp.llama_sampler_free(chain)
@@ -280,8 +298,11 @@ class Engine:
         if greedy:
             # Logits are stored one row per output, in batch order (llama.h), and only sampled positions output.
             logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self._ctx), shape=(self._n_outputs, self.n_vocab))
-            rows = [self._output_row[index] for _, index in greedy]
-            for (k, _), token in zip(greedy, logits[rows].argmax(axis=1).tolist(), strict=True):
+            rows = logits[[self._output_row[index] for _, index in greedy]]  # a copy: masking it is safe
+            past_eog = [j for j, (k, _) in enumerate(greedy) if picks[k][0] in self._greedy_past_eog]
+            if past_eog:
+                rows[np.ix_(past_eog, self.end_of_generation_tokens())] = -np.inf
+            for (k, _), token in zip(greedy, rows.argmax(axis=1).tolist(), strict=True):
                 tokens[k] = token
         for k, (handle, index) in enumerate(picks):
             if handle not in self._greedy:
