@@ -82,6 +82,17 @@ def test_unset_params_take_llama_server_defaults() -> None:
     assert decoded.params.min_p == 0.05 and decoded.params.max_tokens is None
 
 
+def test_ignore_eos_round_trips_and_is_left_off_the_wire_when_false() -> None:
+    wanted = chat_request(params=SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
+    assert decode_request(encode_request(wanted, KEYS), KEYS, LIMITS).params.ignore_eos is True
+    plain = msgpack.unpackb(encode_request(chat_request(), KEYS))
+    assert "ignore_eos" not in plain["params"], "workers older than the field would refuse it"
+    for bad in (1, "yes", None):
+        with pytest.raises(ProtocolError) as refused:
+            decode_request(wire(params={"ignore_eos": bad}), KEYS, LIMITS)
+        assert refused.value.code is ErrorCode.INVALID_REQUEST
+
+
 def test_keys_share_the_client_hash_tag() -> None:
     reply, cancel = KEYS.reply(CLIENT_ID, REQUEST_ID), KEYS.cancel(CLIENT_ID, REQUEST_ID)
     tag = f"{{c:{CLIENT_ID}}}"

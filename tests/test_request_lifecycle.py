@@ -69,6 +69,18 @@ async def test_max_tokens_ends_with_length(connect: Client) -> None:
         assert result.usage.completion_tokens == 5
 
 
+async def test_ignore_eos_generates_past_the_end_to_max_tokens(connect: Client) -> None:
+    question = [{"role": "user", "content": "Answer with one word: is water wet?"}]
+    async with connect as client:
+        short = await client.chat(question, max_tokens=60, temperature=0)
+        greedy = await client.chat(question, max_tokens=60, temperature=0, ignore_eos=True)
+        sampled = await client.chat(question, max_tokens=60, temperature=0.8, seed=3, ignore_eos=True)
+    assert short.finish_reason is FinishReason.STOP and short.usage.completion_tokens < 60, short.text
+    for result in (greedy, sampled):
+        assert result.finish_reason is FinishReason.LENGTH and result.usage.completion_tokens == 60
+    assert greedy.text.startswith(short.text), "the same argmax until the end-of-generation token would win"
+
+
 async def test_stop_string_ends_generation_before_it(connect: Client) -> None:
     async with connect as client:
         full = await client.completion("Count: 1, 2, 3,", max_tokens=12, temperature=0)
