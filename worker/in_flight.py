@@ -35,6 +35,8 @@ class Ticket:
     """The number of the next event to write (after those a dead worker published, for a resumed request)."""
     slot: TenantSlot | None = None
     """Given back when the request is acked."""
+    ttl_set_at: float | None = None
+    """When (monotonic) the running TTL was last set on the reply stream; None: not yet."""
 
 
 class InFlight:

@@ -35,6 +35,8 @@ class Write:
     """The event is the request's last."""
     entry: tuple[str, bytes] | None = None
     """The request entry (stream, id) the write answers for: held back by a fence."""
+    ttl_set_at: float | None = None
+    """For a running reply stream's EXPIRE: when it was sent (monotonic), noted on the ticket once written."""
 
 
 @dataclass
@@ -146,3 +148,8 @@ def xdel(stream: str, entry_id: bytes, pipe: Pipeline) -> object:
 def zrem(key: str, member: str, pipe: Pipeline) -> object:
     """ZREM of a request from its tenant's counts."""
     return pipe.zrem(key, member)
+
+
+def exists_any(keys: list[str], pipe: Pipeline) -> object:
+    """EXISTS of several keys of one hash slot: how many of them exist."""
+    return pipe.exists(*keys)

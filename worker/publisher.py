@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -33,13 +34,16 @@ from .engine_loop import EngineLoop, Outgoing, StepStats
 from .in_flight import InFlight, TenantSlot, Ticket
 from .lease import Lease
 from .metrics import DROPPED_LEASE_LOST, DROPPED_REDIS_ERROR, WorkerMetrics
-from .pipelined_writes import Outcome, Write, exists, expire, write_all, xack, xadd, xdel, zrem
+from .pipelined_writes import Outcome, Write, exists, exists_any, expire, write_all, xack, xadd, xdel, zrem
 from .redis_errors import Backoff, error_code
 
 log = logging.getLogger("llamaq.publisher")
 
-# A reply stream of a request still running must not expire under a slow generation.
+# A reply stream of a request still running must not expire under a slow generation. Its TTL is set with the
+# first event and refreshed once a quarter of it has passed, not with every event: an EXPIRE per stream per step
+# was more than half of the publisher's CPU at 16 streams.
 _RUNNING_TTL_S = 3600
+_TTL_REFRESH_S = _RUNNING_TTL_S / 4
 
 
 @dataclass
@@ -137,12 +141,17 @@ class Publisher:
         watched = [t for t in self._in_flight if t.request_key not in finishing and not t.cancel_sent]
         # Cancel checks ride on the step's round trip, so a cancel takes effect within one step.
         checks = len(writes)
-        writes += [Write(t.request_key, partial(exists, t.cancel_key), entry=self._held(t)) for t in watched]
+        groups = _cancel_groups(watched)
+        writes += [Write(_CHECK_OWNER, partial(exists_any, [t.cancel_key for t in group])) for group in groups]
         outcome = await self._execute(writes)
         answered: list[Ticket] = []
         for index, write in enumerate(writes[:checks]):
             ticket = self._in_flight.get(write.owner)
-            if ticket is None or index not in outcome.written or write.n is None:
+            if ticket is None or index not in outcome.written:
+                continue
+            if write.ttl_set_at is not None:
+                ticket.ttl_set_at = write.ttl_set_at
+            if write.n is None:
                 continue
             ticket.next_event = max(ticket.next_event, write.n + 1)
             if write.final:
@@ -151,19 +160,28 @@ class Publisher:
             ticket = self._in_flight.get(owner)
             if ticket is not None and ticket not in answered:
                 answered.append(await self._fail(ticket, error))
-        for ticket in answered:
-            await self._ack_entries([(ticket.entry_id, ticket.stream or None, ticket.slot)])
+        await self._ack_entries([(ticket.entry_id, ticket.stream or None, ticket.slot) for ticket in answered])
         for ticket in answered:
             self._in_flight.remove(ticket.request_key)
-        for index, ticket in enumerate(watched, start=checks):
+        cancelled = [group for index, group in enumerate(groups, start=checks) if outcome.replies.get(index)]
+        if cancelled:
+            await self._cancel_found([ticket for group in cancelled for ticket in group])
+
+    async def _cancel_found(self, candidates: list[Ticket]) -> None:
+        """A client's count of cancel keys was not zero: one EXISTS each tells which of its requests to stop."""
+        checks = [Write(_CHECK_OWNER, partial(exists, ticket.cancel_key)) for ticket in candidates]
+        outcome = await self._execute(checks)
+        for index, ticket in enumerate(candidates):
             if outcome.replies.get(index) and self.engine_loop is not None and ticket.request_key in self._in_flight:
                 ticket.cancel_sent = True
                 self.engine_loop.cancel(ticket.request_key)
 
     def _event_writes(self, addressed: list[tuple[Ticket, Outgoing]]) -> list[Write]:
-        """Each event's XADD (a finished turn's history first), then one EXPIRE per reply stream touched."""
+        """Each event's XADD (a finished turn's history first), then the EXPIREs due: a reply stream's running TTL
+        with its first event and then every _TTL_REFRESH_S, its final TTL with its final event."""
         writes: list[Write] = []
         ttls: dict[str, tuple[Ticket, int]] = {}
+        now = time.monotonic()
         for ticket, item in addressed:
             owner = ticket.request_key
             if item.history is not None:
@@ -178,9 +196,15 @@ class Publisher:
                     self._held(ticket),
                 )
             )
-            ttls[ticket.reply_key] = (ticket, self._reply_ttl_s if item.final else _RUNNING_TTL_S)
+            if item.final:
+                ttls[ticket.reply_key] = (ticket, self._reply_ttl_s)
+            elif ticket.ttl_set_at is None or now - ticket.ttl_set_at >= _TTL_REFRESH_S:
+                ttls.setdefault(ticket.reply_key, (ticket, _RUNNING_TTL_S))
         for key, (ticket, ttl) in ttls.items():
-            writes.append(Write(ticket.request_key, partial(expire, key, ttl), entry=self._held(ticket)))
+            write = Write(ticket.request_key, partial(expire, key, ttl), entry=self._held(ticket))
+            if ttl == _RUNNING_TTL_S:
+                write.ttl_set_at = now
+            writes.append(write)
         return writes
 
     def _save_history(self, conversation: str, history: History, pipe: Pipeline) -> None:
@@ -300,3 +324,16 @@ class Publisher:
         log.warning("publishing failed (%s); retrying in %.2fs", code, backoff.delay_s)
         if self.metrics is not None:
             self.metrics.count_redis_retry(code)
+
+
+# Cancel checks are reads charged to no request: one that fails (a lost connection, retried) fails nobody.
+_CHECK_OWNER = "cancel-check"
+
+
+def _cancel_groups(watched: list[Ticket]) -> list[list[Ticket]]:
+    """The watched requests by client: a client's cancel keys share its hash slot ({c:<client>}), so one
+    multi-key EXISTS counts them all (and is allowed on a cluster)."""
+    groups: dict[str, list[Ticket]] = {}
+    for ticket in watched:
+        groups.setdefault(ticket.cancel_key.rpartition(":cancel:")[0], []).append(ticket)
+    return list(groups.values())
