@@ -125,7 +125,7 @@ class Publisher:
         held = (stream or self._keys.requests, entry_id)
         if reply_key is not None:
             owner = entry_id.decode(errors="replace")
-            outcome = await self._execute(self._final_writes(owner, reply_key, event, held))
+            outcome = await self._execute(self._final_writes(owner, reply_key, event, held, slot))
             written = 0 in outcome.written
             if owner in outcome.fenced:
                 return False
@@ -198,6 +198,7 @@ class Publisher:
             )
             if item.final:
                 ttls[ticket.reply_key] = (ticket, self._reply_ttl_s)
+                writes += self._slot_release(owner, ticket.slot, self._held(ticket))
             elif ticket.ttl_set_at is None or now - ticket.ttl_set_at >= _TTL_REFRESH_S:
                 ttls.setdefault(ticket.reply_key, (ticket, _RUNNING_TTL_S))
         for key, (ticket, ttl) in ttls.items():
@@ -221,7 +222,7 @@ class Publisher:
         # The reply names only the error code: the message and the command could echo another key's contents.
         event = ErrorEvent(n=ticket.next_event, code=ErrorCode.INTERNAL, message=f"Redis refused a write ({code})")
         outcome = await self._execute(
-            self._final_writes(ticket.request_key, ticket.reply_key, event, self._held(ticket))
+            self._final_writes(ticket.request_key, ticket.reply_key, event, self._held(ticket), ticket.slot)
         )
         if 0 in outcome.written:
             if self.metrics is not None:
@@ -230,12 +231,24 @@ class Publisher:
             self._count_dropped(ticket.request_key, error)
         return ticket
 
-    def _final_writes(self, owner: str, reply_key: str, event: FinalEvent, held: tuple[str, bytes]) -> list[Write]:
-        """The XADD of a request's final event (write 0) and its reply stream's TTL."""
+    def _final_writes(
+        self, owner: str, reply_key: str, event: FinalEvent, held: tuple[str, bytes], slot: TenantSlot | None = None
+    ) -> list[Write]:
+        """The XADD of a request's final event (write 0), its reply stream's TTL, and its tenant slot given back."""
         return [
             Write(owner, partial(xadd, reply_key, encode_event(event)), event.n, final=True, entry=held),
             Write(owner, partial(expire, reply_key, self._reply_ttl_s), entry=held),
+            *self._slot_release(owner, slot, held),
         ]
+
+    def _slot_release(self, owner: str, slot: TenantSlot | None, held: tuple[str, bytes]) -> list[Write]:
+        """Take a request out of its tenant's counts (both: it may never have been read). Sent with its final
+        event, not after it: a client that sends its next request on seeing the answer must find the room; the
+        ack sends it again, in case the event's round trip did not take it."""
+        if slot is None:
+            return []
+        counts = (self._keys.tenant_in_flight(slot.owner), self._keys.tenant_backlog(slot.owner))
+        return [Write(owner, partial(zrem, key, slot.request_key), entry=held) for key in counts]
 
     def _count_dropped(self, owner: str, error: BaseException | None) -> None:
         code = "unknown" if error is None else error_code(error)
@@ -267,10 +280,7 @@ class Publisher:
             held = (name, entry_id)
             writes.append(Write(owner, partial(xack, name, self._keys.group, entry_id), entry=held))
             writes.append(Write(owner, partial(xdel, name, entry_id), entry=held))
-            if slot is not None:
-                # Answered: the request no longer counts against its tenant (both sets: it may never have been read).
-                for counts in (self._keys.tenant_in_flight(slot.owner), self._keys.tenant_backlog(slot.owner)):
-                    writes.append(Write(owner, partial(zrem, counts, slot.request_key), entry=held))
+            writes += self._slot_release(owner, slot, held)
         if writes:
             outcome = await self._execute(writes)
             for owner, error in outcome.refused.items():
